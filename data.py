@@ -1,0 +1,217 @@
+"""Where the training images come from: CelebA, any folder of images, or drawn faces.
+
+Every source yields (image, ok) pairs: the image is a float tensor in [-1, 1] of shape
+(channels, size, size), preprocessed like the DCGAN tutorial (resize the shorter side,
+centre crop); `ok` is False for a file that could not be decoded, whose image is zeros.
+The training loop drops those and names them, so one bad JPEG never stops an epoch.
+"""
+
+import csv
+import os
+import random
+import warnings
+import zlib
+
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SPLITS = ("train", "valid", "test")  # CelebA's partition numbers 0, 1, 2
+CELEBA_HELP = """\
+CelebA is the 202,599 aligned face photos of img_align_celeba. Get it from
+  - the official page: https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive / Baidu links)
+  - Kaggle: https://www.kaggle.com/datasets/jessicali9530/celeba-dataset
+    (kaggle datasets download -d jessicali9530/celeba-dataset; unzip it into --data-root)
+  - or try torchvision's own download with --download (it often fails on Google Drive's quota)
+and put it in one of these layouts under --data-root:
+  torchvision: ROOT/celeba/img_align_celeba/*.jpg and ROOT/celeba/list_eval_partition.txt
+  Kaggle:      ROOT/img_align_celeba/img_align_celeba/*.jpg and ROOT/list_eval_partition.csv
+  plain:       ROOT/*.jpg or ROOT/img_align_celeba/*.jpg (split by a fixed hash of the file name)
+To try everything now without CelebA: --dataset synthetic (drawn demo faces)."""
+
+
+def preprocess(image_size):
+    """PIL image -> tensor in [-1, 1], as in the PyTorch DCGAN tutorial."""
+    return transforms.Compose([
+        transforms.Resize(image_size),  # the shorter side
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+
+
+def hash_split(name):
+    """A split that depends on the file name alone: 80% train, 10% valid, 10% test.
+
+    Adding or removing other files never moves a file to another split, and every run
+    (and every machine) agrees.
+    """
+    bucket = zlib.crc32(name.replace(os.sep, "/").encode()) % 100
+    return "train" if bucket < 80 else "valid" if bucket < 90 else "test"
+
+
+# -----------------------------------------------------------------------------
+# files on disk
+
+class ImageFiles(Dataset):
+    """A list of image files, decoded and preprocessed on every access."""
+
+    def __init__(self, files, image_size):
+        self.files = files
+        self.image_size = image_size
+        self.transform = preprocess(image_size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                return self.transform(im.convert("RGB")), True
+        except Exception:  # truncated, not an image, unreadable: skipped and counted by the loop
+            return torch.zeros(3, self.image_size, self.image_size), False
+
+
+def list_images(root):
+    """Every image file below root, recursively, in a fixed order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def _read_partition(path):
+    """list_eval_partition.txt ("000001.jpg 0") or .csv ("image_id,partition") -> {name: split}."""
+    with open(path, newline="") as f:
+        if path.endswith(".csv"):
+            rows = [(r["image_id"], r["partition"]) for r in csv.DictReader(f)]
+        else:
+            rows = [line.split() for line in f if line.strip()]
+    return {name: SPLITS[int(p)] for name, p in rows}
+
+
+def find_celeba(root):
+    """Find CelebA under root in any known layout -> (image folder, {name: split} or None)."""
+    layouts = [  # (image folder, partition file), most specific first
+        (os.path.join(root, "celeba", "img_align_celeba"), os.path.join(root, "celeba", "list_eval_partition.txt")),
+        (os.path.join(root, "img_align_celeba", "img_align_celeba"), os.path.join(root, "list_eval_partition.csv")),
+        (os.path.join(root, "img_align_celeba"), os.path.join(root, "list_eval_partition.txt")),
+        (os.path.join(root, "img_align_celeba"), os.path.join(root, "list_eval_partition.csv")),
+        (root, os.path.join(root, "list_eval_partition.txt")),
+        (root, os.path.join(root, "list_eval_partition.csv")),
+    ]
+    for folder, partition in layouts:
+        if os.path.isdir(folder) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder)):
+            return folder, (_read_partition(partition) if os.path.isfile(partition) else None)
+    raise UserError(f"no CelebA images found under {os.path.abspath(root)} (looked for "
+                    + ", ".join(os.path.relpath(f, root) for f in dict.fromkeys(f for f, _ in layouts))
+                    + f").\n{CELEBA_HELP}")
+
+
+def celeba_files(root, split):
+    """The image files of one CelebA split, by the official partition when it is there."""
+    folder, partition = find_celeba(root)
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if partition is None:
+        chosen = [n for n in names if hash_split(n) == split]
+    else:
+        chosen = [n for n in names if partition.get(n) == split]
+    return [os.path.join(folder, n) for n in chosen]
+
+
+def folder_files(root, split):
+    if not os.path.isdir(root):
+        raise UserError(f"--data-root {root} is not a folder; point it at a folder of images (jpg, png, webp, bmp; searched recursively)")
+    files = list_images(root)
+    if not files:
+        raise UserError(f"no images (jpg, png, webp, bmp) found under {root}; point --data-root at a folder that holds some")
+    return [f for f in files if hash_split(os.path.relpath(f, root)) == split]
+
+
+def download_celeba(root):
+    """torchvision's own CelebA download; explain what to do when Google Drive refuses."""
+    from torchvision.datasets import CelebA
+    try:
+        CelebA(root, split="all", download=True)
+    except Exception as e:
+        raise UserError(f"the CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "Google Drive often refuses it on quota. Download it by hand instead:\n" + CELEBA_HELP) from None
+
+
+# -----------------------------------------------------------------------------
+# drawn faces: a seeded demo set that needs no download
+
+def draw_face(rng, size=128):
+    """A cartoon face on a plain background, every detail drawn from rng (a random.Random)."""
+    def colour(lo, hi):
+        return tuple(rng.randint(lo, hi) for _ in range(3))
+
+    skin = rng.choice([(241, 194, 167), (224, 172, 138), (198, 134, 94), (141, 85, 54), (255, 219, 190)])
+    skin = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in skin)
+    hair = rng.choice([(30, 20, 15), (90, 60, 30), (200, 160, 90), (120, 40, 20), (60, 60, 60)])
+    im = Image.new("RGB", (size, size), colour(40, 230))
+    d = ImageDraw.Draw(im)
+    s = size / 128  # everything below is laid out on a 128-pixel canvas
+    cx, cy = 64 + rng.uniform(-5, 5), 68 + rng.uniform(-5, 5)
+    w, h = rng.uniform(30, 38), rng.uniform(40, 48)  # half-width and half-height of the face
+
+    def ellipse(x0, y0, x1, y1, fill):
+        d.ellipse([x0 * s, y0 * s, x1 * s, y1 * s], fill=fill)
+
+    ellipse(cx - w - 6, cy - h - 8, cx + w + 6, cy + h * rng.uniform(0.2, 0.9), hair)  # hair behind the head
+    d.rectangle([(cx - w / 2.5) * s, (cy + h * 0.6) * s, (cx + w / 2.5) * s, size], fill=skin)  # neck
+    d.rectangle([0, (cy + h + 4) * s, size, size], fill=colour(20, 200))  # shoulders
+    ellipse(cx - w, cy - h, cx + w, cy + h, skin)
+    ellipse(cx - w, cy - h, cx + w, cy - h * rng.uniform(0.3, 0.6), hair)  # fringe
+    eye_y, eye_dx, iris = cy - h * 0.15, w * rng.uniform(0.35, 0.45), colour(20, 120)
+    for side in (-1, 1):
+        ex = cx + side * eye_dx
+        ellipse(ex - 7, eye_y - 4, ex + 7, eye_y + 4, (245, 245, 245))
+        ellipse(ex - 3.5, eye_y - 3.5, ex + 3.5, eye_y + 3.5, iris)
+        d.line([(ex - 8) * s, (eye_y - 9) * s, (ex + 8) * s, (eye_y - 10 + rng.uniform(-2, 2)) * s], fill=hair, width=max(1, round(3 * s)))
+    shade = tuple(int(c * 0.8) for c in skin)
+    d.line([cx * s, (eye_y + 4) * s, (cx - 3) * s, (cy + h * 0.25) * s, (cx + 2) * s, (cy + h * 0.28) * s], fill=shade, width=max(1, round(2 * s)))
+    mouth_y, mouth_w = cy + h * 0.5, w * rng.uniform(0.3, 0.5)
+    d.chord([(cx - mouth_w) * s, (mouth_y - 6) * s, (cx + mouth_w) * s, (mouth_y + rng.uniform(2, 8)) * s], 0, 180, fill=(150, 50, 60))
+    return im.filter(ImageFilter.GaussianBlur(0.6 * s))
+
+
+class SyntheticFaces(Dataset):
+    """Drawn cartoon faces, image i always the same for a given seed: a demo set, not CelebA."""
+
+    def __init__(self, n, image_size, seed=0):
+        self.n, self.seed = n, seed
+        self.transform = preprocess(image_size)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.transform(draw_face(random.Random(self.seed * 1_000_003 + i))), True
+
+
+SYNTHETIC_SEEDS = {"train": 0, "valid": 1, "test": 2}  # disjoint draws per split
+
+
+def build_dataset(dataset, root, split, image_size, synthetic_size=10_000):
+    """The images of one split of a source (celeba | folder | synthetic)."""
+    if dataset == "synthetic":
+        n = synthetic_size if split == "train" else max(1, synthetic_size // 10)
+        return SyntheticFaces(n, image_size, seed=SYNTHETIC_SEEDS[split])
+    files = celeba_files(root, split) if dataset == "celeba" else folder_files(root, split)
+    if not files:
+        raise UserError(f"the {split} split of {root} is empty; it needs more images (the hash split sends about 80% to train, 10% each to valid and test)")
+    return ImageFiles(files, image_size)
+
+
+def report_skipped(dataset, indices, counter):
+    """Warn, by name, about images that could not be decoded; counter accumulates over the run."""
+    for i in indices:
+        counter[0] += 1
+        name = dataset.files[i] if hasattr(dataset, "files") else f"image {i}"
+        warnings.warn(f"skipped {name}: it cannot be decoded as an image ({counter[0]} skipped so far)", stacklevel=2)
