@@ -9,13 +9,14 @@ The training loop drops those and names them, so one bad JPEG never stops an epo
 import csv
 import os
 import random
-import warnings
+import sys
 import zlib
 
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 from torchvision import transforms
+from tqdm import tqdm
 
 from errors import UserError
 
@@ -214,4 +215,4 @@ def report_skipped(dataset, indices, counter):
     for i in indices:
         counter[0] += 1
         name = dataset.files[i] if hasattr(dataset, "files") else f"image {i}"
-        warnings.warn(f"skipped {name}: it cannot be decoded as an image ({counter[0]} skipped so far)", stacklevel=2)
+        tqdm.write(f"warning: skipped {name}: it cannot be decoded as an image ({counter[0]} skipped so far)", file=sys.stderr)

@@ -29,7 +29,7 @@ from errors import UserError, run_cli
 from models import IMAGE_SIZES, SHAPE_KEYS, build_models, load_checkpoint, load_state, save_checkpoint
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
-RESUME_OVERRIDES = ("epochs", "max_steps", "workers", "device", "data_root", "log_every", "sample_every")
+RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,7 +83,7 @@ def get_args_parser():
     g.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width (feature maps of its first layer)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=at_least(1), default=10, help="passes over the training split")
-    g.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in total (a checkpoint is written)")
+    g.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in total, with a checkpoint (this invocation only, not kept on --resume)")
     g.add_argument("--batch", type=at_least(1), default=128, help="images per step")
     g.add_argument("--lr", type=at_least(1e-12, float), default=2e-4, help="Adam learning rate, both networks (paper: 2e-4)")
     g.add_argument("--beta1", type=beta, default=0.5, help="Adam beta1 (paper: 0.5; the default 0.9 oscillates)")
@@ -330,6 +330,7 @@ def make_config(argv=None):
             raise UserError(f"{flag} {cfg[key]} differs from the checkpoint's {ckpt['config'][key]}; the model's shape comes from the checkpoint, so leave {flag} out")
     resumed = dict(ckpt["config"])
     resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit})
+    resumed["max_steps"] = cfg["max_steps"]  # a stop for one invocation: resuming a --max-steps run continues it
     resumed["resume"] = args.resume
     resumed["run_dir"] = os.path.dirname(os.path.abspath(args.resume if os.path.isfile(args.resume) else os.path.join(args.resume, "checkpoint.pt")))
     return resumed, ckpt

@@ -1,0 +1,61 @@
+"""Draw images from a trained generator, without training.
+
+    python sample.py runs/generative_model/001-celeba-64 --n 64 --out samples.png
+    python sample.py runs/generative_model/001-celeba-64 --n 1000 --separate fakes/   # one PNG per image
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+from torchvision.utils import save_image
+
+from errors import run_cli
+from main import ArgumentParser, at_least, draw_samples, pick_device
+from models import load_checkpoint, models_from_checkpoint
+
+
+def get_args_parser():
+    p = ArgumentParser(description="Draw images from a trained DCGAN generator.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
+    p.add_argument("--n", type=at_least(1), default=64, help="how many images")
+    p.add_argument("--out", default="samples.png", help="the grid PNG")
+    p.add_argument("--nrow", type=at_least(1), default=None, help="images per grid row (default: a square)")
+    p.add_argument("--separate", default=None, metavar="DIR", help="also write every image as its own PNG into DIR")
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise")
+    p.add_argument("--batch", type=at_least(1), default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return p
+
+
+@torch.no_grad()
+def generate(G, n, seed, batch, device):
+    """n images in [-1, 1] from seeded noise, in batches."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, G.nz, generator=g)
+    return torch.cat([draw_samples(G, z[i:i + batch].to(device)).float().cpu() for i in range(0, n, batch)])
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    G, _ = models_from_checkpoint(ckpt, args.checkpoint, device)
+    images = generate(G, args.n, args.seed, args.batch, device)
+    nrow = args.nrow or math.ceil(math.sqrt(args.n))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_image(images, args.out, nrow=nrow, normalize=True, value_range=(-1, 1))
+    print(f"wrote {args.n} samples (step {ckpt['step']}) to {args.out}")
+    if args.separate:
+        os.makedirs(args.separate, exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, os.path.join(args.separate, f"{i:06d}.png"), normalize=True, value_range=(-1, 1))
+        print(f"wrote {args.n} images to {args.separate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

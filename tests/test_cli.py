@@ -1,0 +1,102 @@
+"""The programs as a user runs them: exit codes and messages, in a fresh process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import main
+import sample
+from helpers import train_args
+from models import save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_clear_line(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--batch", "0"], "--batch: must be at least 1"),
+    (["--image-size", "48"], "--image-size: must be a power of two"),
+    (["--beta1", "1.5"], "--beta1: must be in [0, 1)"),
+])
+def test_flags_out_of_range_get_one_line(capsys, flags, phrase):
+    # argparse exits before anything heavy, so this runs in-process
+    with pytest.raises(SystemExit) as e:
+        main.get_args_parser().parse_args(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and phrase in err[0]
+
+
+def test_flag_errors_from_the_command_line(tmp_path):
+    assert_one_clear_line(run("main.py", "--epochs", "0", "--logdir", str(tmp_path)), "--epochs")
+
+
+def test_missing_dataset_explains_where_it_looked_without_a_traceback(tmp_path):
+    result = run("main.py", "--data-root", str(tmp_path / "celeba"), "--logdir", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: no CelebA images found under") and str(tmp_path / "celeba") in first
+    assert "--dataset synthetic" in result.stderr and "kaggle" in result.stderr.lower()
+
+
+def test_a_checkpoint_from_a_different_model_is_refused(tmp_path):
+    main.main(train_args(tmp_path, "--max-steps", "1", "--run-name", "r"))
+    path = tmp_path / "r" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["ndf"] = 16  # says ndf 16, holds ndf 8 weights
+    save_checkpoint(ckpt, str(tmp_path / "other.pt"))
+    assert_one_clear_line(run("main.py", "--resume", str(tmp_path / "other.pt")), "does not fit")
+    torch.save({"model": torch.zeros(3)}, tmp_path / "foreign.pt")
+    assert_one_clear_line(run("sample.py", str(tmp_path / "foreign.pt")), "not a checkpoint written by main.py")
+    (tmp_path / "text.pt").write_text("hello")
+    assert_one_clear_line(run("sample.py", str(tmp_path / "text.pt")), "cannot read checkpoint")
+    assert_one_clear_line(run("sample.py", str(tmp_path / "missing")), "does not exist")
+
+
+def test_sample_draws_a_grid_and_separate_images_from_a_checkpoint(tmp_path):
+    main.main(train_args(tmp_path, "--max-steps", "2", "--run-name", "r"))
+    out = tmp_path / "grid.png"
+    assert sample.main([str(tmp_path / "r"), "--n", "16", "--out", str(out), "--separate", str(tmp_path / "each")]) == 0
+    assert Image.open(out).size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)  # 4 x 4 images of 32 px, 2 px padding
+    assert len(os.listdir(tmp_path / "each")) == 16
+    again = tmp_path / "again.png"
+    sample.main([str(tmp_path / "r"), "--n", "16", "--out", str(again)])
+    assert Image.open(out).tobytes() == Image.open(again).tobytes()  # same seed, same images
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
+    args = train_args(tmp_path, "--synthetic-size", "4096", "--run-name", "r")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "epoch 1/10:" not in seen or "/256 [" not in seen:  # wait until steps are being taken
+        seen += proc.stderr.read(1)
+        assert proc.poll() is None, seen
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert 0 < ckpt["step"] == ckpt["done_in_epoch"] and ckpt["epoch"] == 0
+    cfg, loaded = main.make_config(["--resume", str(tmp_path / "r"), "--max-steps", str(ckpt["step"] + 1)])
+    assert main.train(cfg, loaded)["step"] == ckpt["step"] + 1

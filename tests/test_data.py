@@ -1,0 +1,89 @@
+import os
+
+import pytest
+import torch
+
+import data
+from errors import UserError
+from helpers import write_jpegs
+
+NAMES = [f"{i:06d}.jpg" for i in range(1, 13)]
+PARTITION = {n: i % 3 for i, n in enumerate(NAMES)}  # 0 train, 1 valid, 2 test
+
+
+def expected(split):
+    return sorted(n for n, p in PARTITION.items() if data.SPLITS[p] == split)
+
+
+def make_torchvision(root):
+    write_jpegs(os.path.join(root, "celeba", "img_align_celeba"), NAMES)
+    with open(os.path.join(root, "celeba", "list_eval_partition.txt"), "w") as f:
+        f.writelines(f"{n} {p}\n" for n, p in PARTITION.items())
+
+
+def make_kaggle(root):
+    write_jpegs(os.path.join(root, "img_align_celeba", "img_align_celeba"), NAMES)
+    with open(os.path.join(root, "list_eval_partition.csv"), "w") as f:
+        f.write("image_id,partition\n")
+        f.writelines(f"{n},{p}\n" for n, p in PARTITION.items())
+
+
+@pytest.mark.parametrize("make", [make_torchvision, make_kaggle])
+def test_celeba_layouts_use_the_official_partition(tmp_path, make):
+    make(str(tmp_path))
+    for split in data.SPLITS:
+        files = data.celeba_files(str(tmp_path), split)
+        assert [os.path.basename(f) for f in files] == expected(split)
+        assert all(os.path.isfile(f) for f in files)
+
+
+def test_plain_celeba_folder_gets_a_stable_hash_split(tmp_path):
+    names = [f"{i:06d}.jpg" for i in range(1, 61)]
+    write_jpegs(str(tmp_path), names)
+    splits = {s: [os.path.basename(f) for f in data.celeba_files(str(tmp_path), s)] for s in data.SPLITS}
+    assert sorted(sum(splits.values(), [])) == names  # every image in exactly one split
+    assert all(splits.values())  # 60 images: none of the splits is empty
+    # adding images never moves an existing one to another split
+    write_jpegs(str(tmp_path), [f"{i:06d}.jpg" for i in range(61, 200)])
+    for s in data.SPLITS:
+        grown = {os.path.basename(f) for f in data.celeba_files(str(tmp_path), s)}
+        assert set(splits[s]) <= grown
+
+
+def test_folder_dataset_is_recursive_and_takes_every_format(tmp_path):
+    write_jpegs(str(tmp_path / "a"), ["x.jpg"])
+    write_jpegs(str(tmp_path / "a" / "b"), ["y.png", "z.webp", "w.bmp"])
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = data.list_images(str(tmp_path))
+    assert sorted(os.path.basename(f) for f in found) == ["w.bmp", "x.jpg", "y.png", "z.webp"]
+
+
+def test_preprocessing_resizes_crops_and_scales(tmp_path):
+    path, = write_jpegs(str(tmp_path), ["a.jpg"], size=(178, 218))
+    x, ok = data.ImageFiles([path], 32)[0]
+    assert ok and x.shape == (3, 32, 32)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_a_corrupt_jpeg_is_flagged_not_raised(tmp_path):
+    good, bad = write_jpegs(str(tmp_path), ["good.jpg", "bad.jpg"])
+    with open(bad, "r+b") as f:
+        f.truncate(100)  # a download cut short
+    ds = data.ImageFiles([good, bad], 32)
+    assert ds[0][1] is True
+    x, ok = ds[1]
+    assert ok is False and torch.equal(x, torch.zeros(3, 32, 32))
+
+
+def test_missing_celeba_says_where_it_looked_and_what_to_do(tmp_path):
+    with pytest.raises(UserError) as e:
+        data.celeba_files(str(tmp_path / "nowhere"), "train")
+    message = str(e.value)
+    assert "nowhere" in message and "kaggle" in message.lower() and "--dataset synthetic" in message
+
+
+def test_synthetic_faces_are_seeded():
+    a, b = data.SyntheticFaces(4, 32, seed=0), data.SyntheticFaces(4, 32, seed=0)
+    assert torch.equal(a[3][0], b[3][0])
+    assert not torch.equal(a[3][0], a[2][0])
+    assert not torch.equal(a[3][0], data.SyntheticFaces(4, 32, seed=1)[3][0])
