@@ -34,14 +34,30 @@ and put it in one of these layouts under --data-root:
 To try everything now without CelebA: --dataset synthetic (drawn demo faces)."""
 
 
-def preprocess(image_size):
-    """PIL image -> tensor in [-1, 1], as in the PyTorch DCGAN tutorial."""
+def resize_crop(image_size):
+    """PIL image -> PIL image of image_size x image_size: the geometric half of preprocess, which the cache stores."""
     return transforms.Compose([
         transforms.Resize(image_size),  # the shorter side
         transforms.CenterCrop(image_size),
+    ])
+
+
+def preprocess(image_size):
+    """PIL image -> tensor in [-1, 1], as in the PyTorch DCGAN tutorial."""
+    return transforms.Compose([
+        resize_crop(image_size),
         transforms.ToTensor(),
         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     ])
+
+
+def normalize_uint8(images):
+    """uint8 images (N, H, W, C), on any device -> float (N, C, H, W) in [-1, 1], channels-last in memory.
+
+    The arithmetic is ToTensor's and Normalize's, op for op, so the result equals preprocess's
+    bit for bit; permuting HWC storage to NCHW gives the channels-last layout for free.
+    """
+    return images.permute(0, 3, 1, 2).float().div_(255).sub_(0.5).div_(0.5)
 
 
 def hash_split(name):
