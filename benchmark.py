@@ -75,12 +75,12 @@ def bench_train(args):
         cache.build_cache(files, args.image_size, os.path.join(scratch, "bench"), workers=cores)
         build_s = time.perf_counter() - t
         cached = cache.open_cache(os.path.join(scratch, "bench"))
-        store = main.image_store(cached.images, device)
+        store = cache.to_device(cached.images, device)
         n = len(cached)
         steps_per_epoch = n // args.batch
 
         def ours_epoch(epoch):
-            return main.cached_batches(store, main.epoch_order(n, args.seed, epoch), 0, steps_per_epoch, args.batch, 0, 1, device)
+            return cache.batches(store, main.epoch_order(n, args.seed, epoch), 0, steps_per_epoch, args.batch, 0, 1, device)
 
         os.mkdir(os.path.join(scratch, "imagefolder"))
         loader = tutorial_loader(args.data, args.image_size, args.batch, args.workers, args.seed, os.path.join(scratch, "imagefolder"))

@@ -62,6 +62,39 @@ class CachedImages(Dataset):
         return data.normalize_uint8(torch.from_numpy(np.array(self.images[i:i + 1])))[0], True
 
 
+def batches(store, order, first_step, steps, batch, rank, world, device):
+    """Batches from the uint8 cache, no loader workers: gather this rank's share of each step's images, normalise on the device.
+
+    store is the cache's memory map, or the whole cache as a tensor in GPU memory. Every step
+    takes the next `batch` images of the epoch's order; rank r takes its r-th slice of them,
+    so the global batches are the same on any number of processes.
+    """
+    share = batch // world
+    order = torch.as_tensor(order)
+    if isinstance(store, torch.Tensor):
+        order = order.to(store.device)  # one copy per epoch; no host sync per step
+    for s in range(first_step, steps):
+        idx = order[s * batch + rank * share:s * batch + (rank + 1) * share]
+        if isinstance(store, torch.Tensor):
+            yield data.normalize_uint8(store.index_select(0, idx)), []
+        elif device.type == "cpu":
+            yield data.normalize_uint8(np.take(store, idx.numpy(), axis=0)), []
+        else:  # through pinned memory, so that the copy runs while the GPU computes
+            images = torch.from_numpy(np.take(store, idx.numpy(), axis=0)).pin_memory()
+            yield data.normalize_uint8(images.to(device, non_blocking=True)), []
+
+
+def to_device(images, device):
+    """Where batches are gathered from: on a GPU the whole cache, copied in pieces, when it fits in half its free
+    memory; otherwise (and on CPU) the memory map, whose batches are copied through pinned memory."""
+    if device.type != "cuda" or images.nbytes >= torch.cuda.mem_get_info(device)[0] // 2:
+        return images
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    for lo in range(0, len(images), 16384):  # in pieces, so the host never holds a second copy of the whole cache
+        out[lo:lo + 16384] = torch.from_numpy(np.ascontiguousarray(images[lo:lo + 16384])).to(device)
+    return out
+
+
 def open_cache(folder):
     """A complete cache folder -> CachedImages; None if anything is missing or does not fit (a broken cache)."""
     try:

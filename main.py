@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -228,30 +227,8 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def cached_batches(store, order, first_step, steps, batch, rank, world, device):
-    """Batches from the uint8 cache, no loader workers: gather this rank's share of each step's images, normalise on the device.
-
-    store is the cache's memory map, or the whole cache as a tensor in GPU memory. Every step
-    takes the next `batch` images of the epoch's order; rank r takes its r-th slice of them,
-    so the global batches are the same on any number of processes.
-    """
-    share = batch // world
-    order = torch.as_tensor(order)
-    if isinstance(store, torch.Tensor):
-        order = order.to(store.device)  # one copy per epoch; no host sync per step
-    for s in range(first_step, steps):
-        idx = order[s * batch + rank * share:s * batch + (rank + 1) * share]
-        if isinstance(store, torch.Tensor):
-            images = store.index_select(0, idx)
-        else:
-            images = torch.from_numpy(np.take(store, idx.numpy(), axis=0))
-            if device.type == "cuda":
-                images = images.pin_memory()  # so the copy below runs while the GPU computes
-        yield data.normalize_uint8(images.to(device, non_blocking=True)), []
-
-
 def loader_batches(dataset, order, first_step, steps, batch, rank, world, device, workers, seed):
-    """Batches decoded every epoch by DataLoader workers (--no-cache, synthetic faces); same images per step as cached_batches.
+    """Batches decoded every epoch by DataLoader workers (--no-cache, synthetic faces); same images per step as cache.batches.
 
     Yields (images on the device, dataset indices of images that could not be decoded and were dropped).
     """
@@ -265,13 +242,6 @@ def loader_batches(dataset, order, first_step, steps, batch, rank, world, device
             bad = [indices[i] for i in (~ok).nonzero().flatten().tolist()]
             real = real[ok]
         yield real.to(device, non_blocking=True), bad
-
-
-def image_store(images, device):
-    """Where cached batches are gathered from: on a GPU the whole cache, when it fits; else the memory map."""
-    if device.type == "cuda" and images.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return images
 
 
 def open_image_cache(dataset, cfg, rank):
@@ -333,7 +303,7 @@ def train(cfg, ckpt=None):
     cached = open_image_cache(dataset, cfg, rank) if cfg["cache"] and isinstance(dataset, data.ImageFiles) else None
     if cached is not None:
         dataset = cached  # only decodable images, in the same order as the file list
-        store = image_store(cached.images, device)
+        store = cache.to_device(cached.images, device)
     steps_per_epoch = len(dataset) // cfg["batch"]  # drop_last: every BatchNorm batch is full-sized
     if steps_per_epoch == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one batch of {cfg['batch']}; lower --batch or add images")
@@ -416,7 +386,7 @@ def train(cfg, ckpt=None):
         while epoch < cfg["epochs"] and not stop:
             order = epoch_order(len(dataset), cfg["seed"], epoch)
             if cached is not None:
-                batches = cached_batches(store, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device)
+                batches = cache.batches(store, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device)
             else:
                 batches = loader_batches(dataset, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device,
                                          cfg["workers"], cfg["seed"])

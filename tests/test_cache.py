@@ -42,9 +42,11 @@ def test_cache_holds_the_plain_loaders_pixels_in_order(tmp_path):
     assert cached.images.shape == (12, 32, 32, 3) and cached.images.dtype == np.uint8
     for j, i in enumerate(good):
         assert torch.equal(cached[j][0], plain[i][0]), f"image {files[i]} differs"
-    batch = data.normalize_uint8(torch.from_numpy(np.array(cached.images[[3, 0, 7]])))
+    (batch, _), = cache.batches(cached.images, [3, 0, 7, 1], 0, 1, 3, 0, 1, torch.device("cpu"))
     assert batch.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batch, torch.stack([plain[good[k]][0] for k in (3, 0, 7)]))
+    on_torch = data.normalize_uint8(torch.from_numpy(np.array(cached.images[[3, 0, 7]])))  # the path a GPU takes
+    assert torch.equal(on_torch, batch) and on_torch.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_second_run_opens_the_same_cache(tmp_path):
@@ -156,3 +158,15 @@ def test_precision_flags_on_cpu(tmp_path):
         run(train_args(tmp_path, tmp_path / "img", "--precision", "fp16", "--max-steps", "1", "--run-name", "fp16"))
     stats, _ = run(train_args(tmp_path, tmp_path / "img", "--precision", "bf16", "--max-steps", "2", "--run-name", "bf16"))
     assert stats["step"] == 2 and all(np.isfinite(stats[k]) for k in ("loss/D", "loss/G"))
+
+
+def test_ranks_split_every_global_batch(tmp_path):
+    files = make_images(tmp_path / "img", 8)
+    cached = cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=1)
+    order, cpu = main.epoch_order(8, 0, 0), torch.device("cpu")
+    whole = [x for x, _ in cache.batches(cached.images, order, 0, 2, 4, 0, 1, cpu)]
+    shares = [[x for x, _ in cache.batches(cached.images, order, 0, 2, 4, rank, 2, cpu)] for rank in (0, 1)]
+    assert len(whole) == 2 and whole[0].shape[0] == 4 and shares[0][0].shape[0] == 2
+    for s in range(2):
+        assert torch.equal(whole[s], torch.cat([shares[0][s], shares[1][s]]))
+    assert not torch.equal(whole[0], whole[1])
