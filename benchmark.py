@@ -32,6 +32,10 @@ from errors import UserError, run_cli
 from models import build_models
 
 
+def number(value):
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the GPU runs ahead of Python: wait before reading the clock
@@ -153,7 +157,7 @@ def bench_train(args):
           f"{', compiled' if args.compile else ''}) | ours / tutorial |")
     print("| --- | ---: | ---: | ---: |")
     for label, a, b in rows:
-        print(f"| {label} | {a:,.0f} | {b:,.0f} | {b / a:.1f}x |")
+        print(f"| {label} | {number(a)} | {number(b)} | {b / a:.1f}x |")
     print()
     print(f"training step: {flops_per_image / 1e9:.2f} GFLOP per image (forward and backward of both networks, counted by FlopCounterMode)")
     print(f"cache build: {n:,} images in {build_s:.1f} s = {n / build_s:,.0f} images/s on {cores} cores "

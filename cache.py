@@ -59,7 +59,7 @@ class CachedImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return data.normalize_uint8(torch.from_numpy(np.array(self.images[i:i + 1])))[0], True
+        return data.normalize_uint8(np.array(self.images[i:i + 1]))[0], True
 
 
 def batches(store, order, first_step, steps, batch, rank, world, device):
@@ -91,7 +91,7 @@ def to_device(images, device):
         return images
     out = torch.empty(images.shape, dtype=torch.uint8, device=device)
     for lo in range(0, len(images), 16384):  # in pieces, so the host never holds a second copy of the whole cache
-        out[lo:lo + 16384] = torch.from_numpy(np.ascontiguousarray(images[lo:lo + 16384])).to(device)
+        out[lo:lo + 16384] = torch.from_numpy(np.array(images[lo:lo + 16384])).to(device)
     return out
 
 

@@ -178,9 +178,10 @@ def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, sc
     scaler.step(opt_D)
 
     # (2) update G: maximise log D(G(z)), the non-saturating loss (fakes labelled 1)
-    # Under DDP the G step runs the bare discriminator, not its wrapper: D's weight gradients
-    # are not wanted here, and a wrapped forward would arm DDP's hooks to all-reduce gradients
-    # that never come (it then fails on the next step); G's wrapper still averages G's gradients.
+    # D's weights are frozen for this half, so no gradient of D is computed, and under DDP none is
+    # all-reduced. The G step runs the bare discriminator rather than its DDP wrapper: the wrapper
+    # would only add its per-forward buffer broadcast and hook bookkeeping for gradients that never
+    # come. G's wrapper still averages G's gradients over the ranks.
     D_bare = D.module if isinstance(D, DDP) else D
     D.requires_grad_(False)  # only G's gradients are wanted: skip computing D's weight gradients
     with autocast():
