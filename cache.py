@@ -130,7 +130,7 @@ def build_cache(files, image_size, folder, workers=None):
     os.makedirs(parent or ".", exist_ok=True)
     host = socket.gethostname()
     for stale in os.listdir(parent or "."):  # left by an interrupted build of this same cache on this machine
-        if stale.startswith(f".{base}.tmp-{host}-"):
+        if stale.startswith(f".{base}.tmp-{host}-") and not _alive(int(stale.rsplit("-", 1)[1])):
             shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     tmp = os.path.join(parent, f".{base}.tmp-{host}-{os.getpid()}")
     os.makedirs(tmp)
@@ -181,6 +181,17 @@ def build_cache(files, image_size, folder, workers=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid):
+    """Whether a process of this machine still runs: another run may be building the same cache right now."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _decode_chunk(job):

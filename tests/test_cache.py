@@ -1,6 +1,8 @@
 """The uint8 image cache: same pixels as the plain loader, rebuilt when its sources change, never used half-made."""
 
 import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -105,7 +107,13 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
         cache.load_or_build(files, 32, cache_dir, "t", workers=1)
     assert os.listdir(cache_dir) == []  # neither a cache nor its temporary folder
     monkeypatch.setattr(cache, "_decode_chunk", real)
+    # a build killed outright (no cleanup ran) leaves its temporary folder; the next build removes it
+    key = cache.cache_key(files, 32)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = os.path.join(cache_dir, f".t-32-{key}.tmp-{socket.gethostname()}-{int(dead.stdout)}")
+    os.makedirs(leftover)
     assert len(cache.load_or_build(files, 32, cache_dir, "t", workers=1)) == 600
+    assert os.listdir(cache_dir) == [f"t-32-{key}"]
 
 
 def train_args(tmp_path, root, *extra):
