@@ -13,6 +13,7 @@ vary from run to run; the ratio is what to read.
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -116,7 +117,7 @@ def bench_train(args):
         opt_o = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused) for m in (G_o, D_o)]
         if args.compile:
             G_o, D_o = torch.compile(G_o), torch.compile(D_o)
-        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else main.contextlib.nullcontext
+        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         runs = {
             "tutorial": (endless(tutorial_epoch), lambda real: main.train_step(G_t, D_t, *opt_t, real, cfg["nz"])),

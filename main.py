@@ -268,7 +268,7 @@ def pick_precision(name, device):
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU (its GradScaler is CUDA-only here); on CPU use fp32 or bf16")
+        raise UserError("--precision fp16 needs a CUDA GPU (CPUs have no fast fp16 arithmetic); on CPU use fp32 or bf16")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or fp32")
     return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
