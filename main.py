@@ -7,7 +7,10 @@
 """
 
 import argparse
+import contextlib
 import copy
+import datetime
+import functools
 import json
 import math
 import os
@@ -17,19 +20,24 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+import cache
 import data
 from errors import UserError, run_cli
 from models import IMAGE_SIZES, SHAPE_KEYS, build_models, load_checkpoint, load_state, save_checkpoint
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
-RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every")
+RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
+                    "cache", "cache_dir", "precision", "channels_last", "compile", "sync_bn")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -75,7 +83,11 @@ def get_args_parser():
     g.add_argument("--download", action="store_true", help="try torchvision's CelebA download into --data-root first")
     g.add_argument("--synthetic-size", type=at_least(1), default=10_000, help="images in the synthetic training set")
     g.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images; 0 decodes in the main process")
+                   help="DataLoader processes decoding images with --no-cache or --dataset synthetic; 0 decodes in the main process")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode the images once into a uint8 cache (memory-mapped, rebuilt when the files change) and "
+                        "feed batches from it without loader workers; --no-cache decodes every image every epoch")
+    g.add_argument("--cache-dir", default="data/cache", help="where image caches are kept (CelebA at 64x64 takes about 2.5 GB)")
     g = p.add_argument_group("model")
     g.add_argument("--image-size", type=image_size, default=64, help="image side: 32, 64, 128 or 256 (blocks are added or removed)")
     g.add_argument("--nz", type=at_least(1), default=100, help="length of the latent vector z")
@@ -88,7 +100,15 @@ def get_args_parser():
     g.add_argument("--lr", type=at_least(1e-12, float), default=2e-4, help="Adam learning rate, both networks (paper: 2e-4)")
     g.add_argument("--beta1", type=beta, default=0.5, help="Adam beta1 (paper: 0.5; the default 0.9 oscillates)")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the noise and the data order")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 autocast on GPUs that support it, else fp32; fp16 uses a GradScaler and needs CUDA")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep images and activations channels-last in memory (NHWC), which the fast convolutions want")
+    g.add_argument("--compile", action="store_true", help="torch.compile both networks (slow first steps; helps most on GPUs)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch rather than each rank's share")
     g = p.add_argument_group("output")
     g.add_argument("--logdir", default="runs/generative_model", help="each run gets a folder in here")
     g.add_argument("--run-name", default=None, help="the run folder's name (default: NNN-DATASET-SIZE, numbered)")
@@ -135,37 +155,54 @@ def new_run_dir(logdir, run_name, cfg):
 # -----------------------------------------------------------------------------
 # the GAN step
 
-def train_step(G, D, opt_G, opt_D, real, nz):
-    """One DCGAN step on a batch of real images; returns detached statistics (no host sync)."""
+def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, scaler=None):
+    """One DCGAN step on a batch of real images; returns detached statistics (no host sync).
+
+    G and D may be DistributedDataParallel wrappers; autocast makes a mixed-precision context
+    and scaler is the fp16 GradScaler (None for fp32 and bf16, which need none).
+    """
+    scaler = scaler or NO_SCALER
     b = real.shape[0]
     ones = torch.ones(b, device=real.device)
     zeros = torch.zeros(b, device=real.device)
-    fake = G(torch.randn(b, nz, device=real.device))
+    with autocast():
+        fake = G(torch.randn(b, nz, device=real.device))
 
     # (1) update D: maximise log D(x) + log(1 - D(G(z))), a real batch labelled 1 and a fake batch labelled 0
-    logits_real = D(real)
-    logits_fake = D(fake.detach())
-    loss_D = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
+    with autocast():
+        logits_real = D(real)
+        logits_fake = D(fake.detach())
+        loss_D = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
     opt_D.zero_grad(set_to_none=True)
-    loss_D.backward()
-    opt_D.step()
+    scaler.scale(loss_D).backward()
+    scaler.step(opt_D)
 
     # (2) update G: maximise log D(G(z)), the non-saturating loss (fakes labelled 1)
+    # D's weights are frozen for this half, so no gradient of D is computed, and under DDP none is
+    # all-reduced. The G step runs the bare discriminator rather than its DDP wrapper: the wrapper
+    # would only add its per-forward buffer broadcast and hook bookkeeping for gradients that never
+    # come. G's wrapper still averages G's gradients over the ranks.
+    D_bare = D.module if isinstance(D, DDP) else D
     D.requires_grad_(False)  # only G's gradients are wanted: skip computing D's weight gradients
-    logits_gen = D(fake)
-    loss_G = F.binary_cross_entropy_with_logits(logits_gen, ones)
+    with autocast():
+        logits_gen = D_bare(fake)
+        loss_G = F.binary_cross_entropy_with_logits(logits_gen, ones)
     opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
-    opt_G.step()
+    scaler.scale(loss_G).backward()
+    scaler.step(opt_G)
+    scaler.update()  # once per step, after both optimizers, as GradScaler expects
     D.requires_grad_(True)
 
     return {
         "loss/D": loss_D.detach(),
         "loss/G": loss_G.detach(),
-        "D(x)": torch.sigmoid(logits_real.detach()).mean(),
-        "D(G(z))/D_step": torch.sigmoid(logits_fake.detach()).mean(),  # before D's update
-        "D(G(z))/G_step": torch.sigmoid(logits_gen.detach()).mean(),  # after D's update, before G's
+        "D(x)": torch.sigmoid(logits_real.detach().float()).mean(),
+        "D(G(z))/D_step": torch.sigmoid(logits_fake.detach().float()).mean(),  # before D's update
+        "D(G(z))/G_step": torch.sigmoid(logits_gen.detach().float()).mean(),  # after D's update, before G's
     }
+
+
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # scale, step and update pass straight through
 
 
 @torch.no_grad()
@@ -191,27 +228,102 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def loader_batches(dataset, order, first_step, steps, batch, rank, world, device, workers, seed):
+    """Batches decoded every epoch by DataLoader workers (--no-cache, synthetic faces); same images per step as cache.batches.
+
+    Yields (images on the device, dataset indices of images that could not be decoded and were dropped).
+    """
+    share = batch // world
+    plan = [order[s * batch + rank * share:s * batch + (rank + 1) * share] for s in range(first_step, steps)]
+    loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))  # keeps the global RNG (the noise) untouched
+    for (real, ok), indices in zip(loader, plan):
+        bad = []
+        if not ok.all():
+            bad = [indices[i] for i in (~ok).nonzero().flatten().tolist()]
+            real = real[ok]
+        yield real.to(device, non_blocking=True), bad
+
+
+def open_image_cache(dataset, cfg, rank):
+    """The training split's uint8 cache, built by one process per machine while the others wait."""
+    name = f"{cfg['dataset']}-{os.path.basename(os.path.normpath(cfg['data_root']))}-train"
+    builder = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    cached = cache.load_or_build(dataset.files, cfg["image_size"], cfg["cache_dir"], name, build=builder)
+    if dist.is_initialized():
+        dist.barrier()
+        if cached is None:
+            cached = cache.load_or_build(dataset.files, cfg["image_size"], cfg["cache_dir"], name, build=False)
+    if cached is None:
+        raise UserError(f"process {rank} does not see the image cache under {cfg['cache_dir']}; "
+                        "give --cache-dir a folder that all processes on a machine share")
+    if cached.dropped and rank == 0:
+        print(f"warning: {len(cached.dropped)} images could not be decoded and are left out "
+              f"(named in {cfg['cache_dir']}/.../index.json)", file=sys.stderr)
+    return cached
+
+
+def pick_precision(name, device):
+    """--precision -> None (fp32) or the autocast dtype; bf16 where the GPU has it, fp16 only on CUDA."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU (CPUs have no fast fp16 arithmetic); on CPU use fp32 or bf16")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or fp32")
+    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 # -----------------------------------------------------------------------------
 # training
 
 def train(cfg, ckpt=None):
-    """Train from scratch, or from a checkpoint dict, until cfg's epochs or max_steps; returns the last stats."""
+    """Train from scratch, or from a checkpoint dict, until cfg's epochs or max_steps; returns the last stats.
+
+    Under torchrun every process calls this; only rank 0 prints, logs and writes files.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    is_main = rank == 0
+    log = print if is_main else (lambda *args, **kwargs: None)
     device = pick_device(cfg["device"])
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+    if cfg["batch"] % world:
+        raise UserError(f"--batch {cfg['batch']} is the global batch and must split evenly over {world} processes")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: find the fastest convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 work; GAN training does not need fp32's last bits
+        torch.backends.cudnn.allow_tf32 = True
+    precision, amp_dtype = pick_precision(cfg["precision"], device)
+    if cfg["sync_bn"] and world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
     torch.manual_seed(cfg["seed"])
-    if cfg["dataset"] == "celeba" and cfg.get("download"):
+    if cfg["dataset"] == "celeba" and cfg.get("download") and is_main:
         data.download_celeba(cfg["data_root"])
     dataset = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["synthetic_size"])
+    cached = open_image_cache(dataset, cfg, rank) if cfg["cache"] and isinstance(dataset, data.ImageFiles) else None
+    if cached is not None:
+        dataset = cached  # only decodable images, in the same order as the file list
+        store = cache.to_device(cached.images, device)
     steps_per_epoch = len(dataset) // cfg["batch"]  # drop_last: every BatchNorm batch is full-sized
     if steps_per_epoch == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one batch of {cfg['batch']}; lower --batch or add images")
     if cfg["dataset"] == "synthetic":
-        print(f"note: --dataset synthetic trains on {len(dataset):,} drawn cartoon faces, a demo set, not CelebA")
-    print(f"training on {len(dataset):,} images ({steps_per_epoch:,} steps per epoch) on {device}")
+        log(f"note: --dataset synthetic trains on {len(dataset):,} drawn cartoon faces, a demo set, not CelebA")
+    source = "from the image cache" if cached is not None else f"{cfg['workers']} loader workers"
+    log(f"training on {len(dataset):,} images ({steps_per_epoch:,} steps per epoch) on {device}"
+        + (f" x {world} processes ({cfg['batch'] // world} images each per step)" if world > 1 else "")
+        + f", {precision}, {source}")
 
     G, D = build_models(cfg)
-    G, D = G.to(device), D.to(device)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999))
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
+    if cfg["sync_bn"] and world > 1:
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    fused = device.type == "cuda"  # one kernel for the whole Adam update instead of several per tensor
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999), fused=fused or None)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999), fused=fused or None)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     fixed_noise = torch.randn(64, cfg["nz"], generator=torch.Generator().manual_seed(cfg["seed"]))
     epoch, done_in_epoch, step = 0, 0, 0
     if ckpt is not None:
@@ -219,17 +331,31 @@ def train(cfg, ckpt=None):
         load_state(D, ckpt["D"], "discriminator", cfg["resume"])
         opt_G.load_state_dict(ckpt["opt_G"])
         opt_D.load_state_dict(ckpt["opt_D"])
+        for group in opt_G.param_groups + opt_D.param_groups:
+            group["fused"] = fused or None  # a checkpoint from another device must not bring its Adam kernel along
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, done_in_epoch, step = ckpt["epoch"], ckpt["done_in_epoch"], ckpt["step"]
         fixed_noise = ckpt["fixed_noise"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        print(f"resuming {cfg['run_dir']} at epoch {epoch}, step {step}")
+        log(f"resuming {cfg['run_dir']} at epoch {epoch}, step {step}")
+    if rank > 0:  # every rank draws its own noise; the checkpoint keeps rank 0's generator, the others restart from here
+        torch.manual_seed(cfg["seed"] * 100_003 + rank * 1_000_003 + step)
     fixed_noise = fixed_noise.to(device)
 
+    # G and D stay the bare networks (checkpoints, samples); G_train and D_train are what the step runs.
+    G_train, D_train = (torch.compile(G), torch.compile(D)) if cfg["compile"] else (G, D)
+    if world > 1:
+        # Two wrappers, one per network, so each backward all-reduces only its own network's gradients.
+        ids = [device.index] if device.type == "cuda" else None
+        G_train, D_train = DDP(G_train, device_ids=ids), DDP(D_train, device_ids=ids)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
+
     run_dir = cfg["run_dir"]
-    writer = SummaryWriter(run_dir)
-    if ckpt is None:
+    writer = SummaryWriter(run_dir) if is_main else None
+    if ckpt is None and is_main:
         writer.add_text("config", "```\n" + json.dumps(cfg, indent=2) + "\n```")
         for summary in hparams({k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
                                {"loss/D": 0, "loss/G": 0}):
@@ -241,16 +367,18 @@ def train(cfg, ckpt=None):
             "config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
             "epoch": epoch, "done_in_epoch": done_in_epoch, "step": step, "fixed_noise": fixed_noise.cpu(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }, os.path.join(run_dir, "checkpoint.pt"))
 
     # Ctrl-C finishes the step in flight, writes a checkpoint and stops; a second Ctrl-C stops at once.
+    # Not under torchrun: processes would stop after different steps and wait on each other forever.
     interrupted = []
     def on_sigint(signum, frame):
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(True)
         tqdm.write("stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if world == 1 else signal.getsignal(signal.SIGINT)
 
     last, skipped = None, [0]
     t0, images_since = time.time(), 0
@@ -258,31 +386,33 @@ def train(cfg, ckpt=None):
     try:
         while epoch < cfg["epochs"] and not stop:
             order = epoch_order(len(dataset), cfg["seed"], epoch)
-            loader = DataLoader(dataset, batch_size=cfg["batch"], sampler=order[done_in_epoch * cfg["batch"]:], drop_last=True,
-                                num_workers=cfg["workers"], pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(cfg["seed"]))  # keeps the global RNG (the noise) untouched
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", total=steps_per_epoch, initial=done_in_epoch,
-                       dynamic_ncols=True)
-            for real, ok in bar:
-                if not ok.all():
-                    first = done_in_epoch * cfg["batch"]
-                    data.report_skipped(dataset, [order[first + i] for i in (~ok).nonzero().flatten().tolist()], skipped)
-                    real = real[ok]
+            if cached is not None:
+                batches = cache.batches(store, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device)
+            else:
+                batches = loader_batches(dataset, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device,
+                                         cfg["workers"], cfg["seed"])
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg['epochs']}", total=steps_per_epoch, initial=done_in_epoch,
+                       dynamic_ncols=True, disable=not is_main)
+            for real, bad in bar:
+                if bad:
+                    data.report_skipped(dataset, bad, skipped)
                 if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
-                    last = train_step(G, D, opt_G, opt_D, real.to(device, non_blocking=True), cfg["nz"])
-                    images_since += len(real)
+                    last = train_step(G_train, D_train, opt_G, opt_D, real.contiguous(memory_format=memory_format), cfg["nz"],
+                                      autocast, scaler)
+                    images_since += len(real) * world
                 step += 1
                 done_in_epoch += 1
 
                 if step % cfg["log_every"] == 0 and last is not None:
                     values = {k: v.item() for k, v in last.items()}  # a CPU-GPU sync point, hence only every log_every steps
                     check_finite(last, step, run_dir)
-                    for k, v in values.items():
-                        writer.add_scalar(k, v, step)
-                    writer.add_scalar("perf/images_per_sec", images_since / (time.time() - t0), step)
+                    if is_main:  # rank 0's statistics, from its share of the batch
+                        for k, v in values.items():
+                            writer.add_scalar(k, v, step)
+                        writer.add_scalar("perf/images_per_sec", images_since / (time.time() - t0), step)
                     t0, images_since = time.time(), 0
                     bar.set_postfix(loss_D=f"{values['loss/D']:.3f}", loss_G=f"{values['loss/G']:.3f}", D_x=f"{values['D(x)']:.2f}")
-                if step % cfg["sample_every"] == 0:
+                if step % cfg["sample_every"] == 0 and is_main:
                     write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"step_{step:07d}.png"), writer, step)
                 if interrupted or (cfg["max_steps"] is not None and step >= cfg["max_steps"]):
                     stop = True
@@ -290,18 +420,20 @@ def train(cfg, ckpt=None):
             bar.close()
             if not stop:
                 epoch, done_in_epoch = epoch + 1, 0
-                write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"epoch_{epoch:03d}.png"), writer, step)
-            if last is not None:
+                if is_main:
+                    write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"epoch_{epoch:03d}.png"), writer, step)
+            if last is not None and is_main:
                 checkpoint(last)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        writer.close()
+        if writer is not None:
+            writer.close()
     if skipped[0]:
         print(f"warning: {skipped[0]} images could not be decoded and were skipped", file=sys.stderr)
     if interrupted:
         print(f"stopped at step {step}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
     else:
-        print(f"done at epoch {epoch}, step {step}; run folder: {run_dir}")
+        log(f"done at epoch {epoch}, step {step}; run folder: {run_dir}")
     stats = {k: v.item() for k, v in last.items()} if last is not None else {}
     return {**stats, "step": step, "epoch": epoch, "interrupted": bool(interrupted)}
 
@@ -329,19 +461,57 @@ def make_config(argv=None):
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} {cfg[key]} differs from the checkpoint's {ckpt['config'][key]}; the model's shape comes from the checkpoint, so leave {flag} out")
     resumed = dict(ckpt["config"])
-    resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit})
+    resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit or k not in resumed})  # new flags: today's defaults
     resumed["max_steps"] = cfg["max_steps"]  # a stop for one invocation: resuming a --max-steps run continues it
     resumed["resume"] = args.resume
     resumed["run_dir"] = os.path.dirname(os.path.abspath(args.resume if os.path.isfile(args.resume) else os.path.join(args.resume, "checkpoint.pt")))
     return resumed, ckpt
 
 
+def init_distributed():
+    """Join torchrun's process group when it started more than one process -> (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # gloo for CPU tensors (and CPU training), NCCL for GPU tensors. A long timeout: one process per
+    # machine may be building the image cache while the others wait at a barrier.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=datetime.timedelta(hours=2))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def on_rank0(fn):
+    """Run fn on rank 0 alone (it may create folders, read checkpoints) and give every rank its result."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    kind, value = box[0]
+    if kind == "error":
+        if dist.get_rank() == 0:
+            raise UserError(value)
+        raise SystemExit(2)  # rank 0 says why, once
+    return value
+
+
 def main(argv=None):
-    cfg, ckpt = make_config(argv)
-    print(json.dumps(cfg, indent=2))
-    with open(os.path.join(cfg["run_dir"], "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    result = train(cfg, ckpt)
+    rank, world = init_distributed()
+    try:
+        # Only rank 0 picks and creates the run folder (and reads the checkpoint, which the other
+        # machines may not have); every rank gets the same config and checkpoint from it.
+        cfg, ckpt = on_rank0(lambda: make_config(argv)) if world > 1 else make_config(argv)
+        if rank == 0:
+            print(json.dumps(cfg, indent=2))
+            with open(os.path.join(cfg["run_dir"], "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+        result = train(cfg, ckpt)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     return 130 if result["interrupted"] else 0
 
 

@@ -1,0 +1,202 @@
+"""Measure this project against a baseline, in one run, on the same data, and print the ratios.
+
+    python benchmark.py train --data ../shared/data/celeba-crops     # the PyTorch DCGAN tutorial's pipeline vs ours
+
+`train` times, on the same folder of JPEGs, the same DCGAN and the same batch:
+  - the tutorial's pipeline: torchvision ImageFolder + a DataLoader with 2 workers that
+    decodes every image every epoch, contiguous memory, fp32;
+  - ours: the uint8 cache (its build is timed too), batches gathered without workers and
+    normalised on the device, channels-last, mixed precision where the device has it;
+first the input pipeline alone, then whole training steps, alternating between the two in
+rounds so that a shared machine's load falls on both alike. Numbers on a shared machine
+vary from run to run; the ratio is what to read.
+"""
+
+import argparse
+import contextlib
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.datasets import ImageFolder
+
+import cache
+import data
+import main
+from errors import UserError, run_cli
+from models import build_models
+
+
+def number(value):
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the GPU runs ahead of Python: wait before reading the clock
+
+
+def tutorial_loader(root, image_size, batch, workers, seed, parent):
+    """The DCGAN tutorial's data: ImageFolder (it wants class folders, so one is linked in under parent) and a shuffling DataLoader."""
+    os.symlink(os.path.abspath(root), os.path.join(parent, "faces"))
+    dataset = ImageFolder(parent, transform=data.preprocess(image_size))
+    return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def endless(make_epoch):
+    """Batches from epoch after epoch, as a training loop would draw them."""
+    epoch = 0
+    while True:
+        yield from make_epoch(epoch)
+        epoch += 1
+
+
+def bench_train(args):
+    device = main.pick_device(args.device)
+    precision, amp_dtype = main.pick_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    files = data.list_images(args.data) if os.path.isdir(args.data) else []
+    if len(files) < 2 * args.batch:
+        raise UserError(f"--data {args.data} needs at least {2 * args.batch} images (found {len(files)}); point it at a folder of JPEGs")
+    cores = len(os.sched_getaffinity(0))
+    cfg = {"nz": 100, "ngf": args.ngf, "ndf": args.ndf, "channels": 3, "image_size": args.image_size}
+    print(f"benchmark: {len(files):,} images from {args.data} at {args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, "
+          f"{cores} cores), torch {torch.__version__}", flush=True)
+
+    # --- the cache build, into a scratch folder so that it is always built
+    with tempfile.TemporaryDirectory(prefix="cache-", dir=args.scratch) as scratch:
+        t = time.perf_counter()
+        cache.build_cache(files, args.image_size, os.path.join(scratch, "bench"), workers=cores)
+        build_s = time.perf_counter() - t
+        cached = cache.open_cache(os.path.join(scratch, "bench"))
+        store = cache.to_device(cached.images, device)
+        n = len(cached)
+        steps_per_epoch = n // args.batch
+
+        def ours_epoch(epoch):
+            return cache.batches(store, main.epoch_order(n, args.seed, epoch), 0, steps_per_epoch, args.batch, 0, 1, device)
+
+        os.mkdir(os.path.join(scratch, "imagefolder"))
+        loader = tutorial_loader(args.data, args.image_size, args.batch, args.workers, args.seed, os.path.join(scratch, "imagefolder"))
+
+        def tutorial_epoch(epoch):  # a new iterator per epoch starts new workers, as in the tutorial
+            return ((real.to(device), []) for real, _ in loader)
+
+        # --- the input pipeline alone: batches on the device, nothing else
+        def time_input(batches, count):
+            next(batches)  # the first batch pays for starting workers: not counted
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(count):
+                real, _ = next(batches)
+            sync(device)
+            return count * args.batch / (time.perf_counter() - t)
+
+        input_tutorial = time_input(endless(tutorial_epoch), args.input_batches)
+        input_ours = time_input(endless(ours_epoch), max(args.input_batches, 200))
+        print(f"input pipeline: tutorial {input_tutorial:,.0f} images/s, ours {input_ours:,.0f} images/s", flush=True)
+
+        # --- whole training steps, tutorial and ours taking turns
+        torch.manual_seed(args.seed)
+        G_t, D_t = (m.to(device) for m in build_models(cfg))
+        opt_t = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G_t, D_t)]
+        torch.manual_seed(args.seed)
+        G_o, D_o = (m.to(device, memory_format=torch.channels_last) for m in build_models(cfg))
+        fused = device.type == "cuda" or None
+        opt_o = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused) for m in (G_o, D_o)]
+        if args.compile:
+            G_o, D_o = torch.compile(G_o), torch.compile(D_o)
+        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        runs = {
+            "tutorial": (endless(tutorial_epoch), lambda real: main.train_step(G_t, D_t, *opt_t, real, cfg["nz"])),
+            "ours": (endless(ours_epoch), lambda real: main.train_step(G_o, D_o, *opt_o, real, cfg["nz"], autocast, scaler)),
+        }
+        seconds = {name: 0.0 for name in runs}
+        for r in range(args.rounds):
+            for name, (batches, step) in runs.items():
+                for _ in range(args.warmup):  # new workers, compilation, cudnn's search: not counted
+                    step(next(batches)[0])
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    step(next(batches)[0])
+                sync(device)
+                seconds[name] += time.perf_counter() - t
+            print(f"  after round {r + 1}: " + ", ".join(f"{k} {args.steps * args.batch * (r + 1) / v:,.0f} images/s" for k, v in seconds.items()),
+                  flush=True)
+        train_rate = {name: args.rounds * args.steps * args.batch / s for name, s in seconds.items()}
+
+    # --- arithmetic per step, counted once on a throwaway copy (the same for both pipelines)
+    G, D = (m.to(device) for m in build_models(cfg))
+    opts = [torch.optim.Adam(m.parameters()) for m in (G, D)]
+    with FlopCounterMode(display=False) as counter:
+        main.train_step(G, D, *opts, torch.randn(args.batch, 3, args.image_size, args.image_size, device=device), cfg["nz"])
+    flops_per_image = counter.get_total_flops() / args.batch
+
+    peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    rows = [
+        ("input pipeline, images/s", input_tutorial, input_ours),
+        ("training, images/s", train_rate["tutorial"], train_rate["ours"]),
+        ("achieved GFLOP/s", train_rate["tutorial"] * flops_per_image / 1e9, train_rate["ours"] * flops_per_image / 1e9),
+    ]
+    print()
+    print(f"| {device.type}, batch {args.batch}, {args.image_size}x{args.image_size} | tutorial (ImageFolder + DataLoader, "
+          f"{args.workers} workers, contiguous, fp32) | ours (cache, channels-last, {precision}"
+          f"{', compiled' if args.compile else ''}) | ours / tutorial |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, a, b in rows:
+        print(f"| {label} | {number(a)} | {number(b)} | {b / a:.1f}x |")
+    print()
+    print(f"training step: {flops_per_image / 1e9:.2f} GFLOP per image (forward and backward of both networks, counted by FlopCounterMode)")
+    print(f"cache build: {n:,} images in {build_s:.1f} s = {n / build_s:,.0f} images/s on {cores} cores "
+          f"({n / build_s / cores:,.0f} per core); {len(cached.dropped)} undecodable")
+    print(f"peak resident memory: this process {peak_self:,.0f} MB, largest child process (loader worker, cache builder) {peak_children:,.0f} MB"
+          + (f"; GPU {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB" if device.type == "cuda" else ""))
+    return 0
+
+
+def get_args_parser():
+    p = main.ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", default="../shared/data/celeba-crops", help="a folder of JPEGs (searched recursively)")
+    t.add_argument("--image-size", type=main.image_size, default=64, help="image side")
+    t.add_argument("--batch", type=main.at_least(2), default=128, help="images per step, both pipelines")
+    t.add_argument("--ngf", type=main.at_least(1), default=64, help="generator width")
+    t.add_argument("--ndf", type=main.at_least(1), default=64, help="discriminator width")
+    t.add_argument("--steps", type=main.at_least(1), default=5, help="timed training steps per pipeline per round")
+    t.add_argument("--rounds", type=main.at_least(1), default=2, help="rounds of tutorial-then-ours")
+    t.add_argument("--warmup", type=main.at_least(1), default=1, help="untimed steps before each timed run")
+    t.add_argument("--input-batches", type=main.at_least(1), default=40, help="batches timed for the input pipeline alone")
+    t.add_argument("--workers", type=main.at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="ours; the tutorial is fp32")
+    t.add_argument("--compile", action="store_true", help="torch.compile our networks")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--scratch", default=None, help="where the timed cache build writes (a temporary folder; default: the system's)")
+    t.set_defaults(run=bench_train)
+    return p
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(cli))

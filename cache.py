@@ -1,0 +1,210 @@
+"""A preprocessed image cache: every image decoded, resized and cropped once, kept as uint8 on disk.
+
+Decoding JPEGs is what makes the usual DCGAN slow: the tutorial's loader decodes every image
+again every epoch. The cache decodes each once, on all cores, into one (N, H, W, 3) uint8
+array (CelebA at 64x64 is about 2.5 GB) that later runs memory-map in seconds.
+
+A cache lives in a folder named after a key: a hash of what it was made from (every file's
+path, size and modification time, the image size, the crop, the library versions that
+decode and resize). Change any of them and the key changes, so a stale cache is never
+used. It is built in a temporary folder and renamed into place in one step, so an
+interrupted build leaves no cache behind, only a temporary folder the next build removes.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import warnings
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import data
+from errors import UserError
+
+FORMAT = 1  # bump when the layout of a cache folder changes
+CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
+
+
+def cache_key(files, image_size):
+    """A hash of everything the cached pixels depend on."""
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT, image_size, CROP, PIL.__version__, torchvision.__version__]).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class CachedImages(Dataset):
+    """The images of a cache: `images` is the memory-mapped (N, H, W, 3) uint8 array, `files` its sources.
+
+    Indexing gives (image in [-1, 1], True) like data.ImageFiles, so it can stand in for one;
+    the training loop reads `images` directly and normalises whole batches on the device.
+    """
+
+    def __init__(self, images, files, dropped):
+        self.images, self.files, self.dropped = images, files, dropped
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return data.normalize_uint8(np.array(self.images[i:i + 1]))[0], True
+
+
+def batches(store, order, first_step, steps, batch, rank, world, device):
+    """Batches from the uint8 cache, no loader workers: gather this rank's share of each step's images, normalise on the device.
+
+    store is the cache's memory map, or the whole cache as a tensor in GPU memory. Every step
+    takes the next `batch` images of the epoch's order; rank r takes its r-th slice of them,
+    so the global batches are the same on any number of processes.
+    """
+    share = batch // world
+    order = torch.as_tensor(order)
+    if isinstance(store, torch.Tensor):
+        order = order.to(store.device)  # one copy per epoch; no host sync per step
+    for s in range(first_step, steps):
+        idx = order[s * batch + rank * share:s * batch + (rank + 1) * share]
+        if isinstance(store, torch.Tensor):
+            yield data.normalize_uint8(store.index_select(0, idx)), []
+        elif device.type == "cpu":
+            yield data.normalize_uint8(np.take(store, idx.numpy(), axis=0)), []
+        else:  # through pinned memory, so that the copy runs while the GPU computes
+            images = torch.from_numpy(np.take(store, idx.numpy(), axis=0)).pin_memory()
+            yield data.normalize_uint8(images.to(device, non_blocking=True)), []
+
+
+def to_device(images, device):
+    """Where batches are gathered from: on a GPU the whole cache, copied in pieces, when it fits in half its free
+    memory; otherwise (and on CPU) the memory map, whose batches are copied through pinned memory."""
+    if device.type != "cuda" or images.nbytes >= torch.cuda.mem_get_info(device)[0] // 2:
+        return images
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    for lo in range(0, len(images), 16384):  # in pieces, so the host never holds a second copy of the whole cache
+        out[lo:lo + 16384] = torch.from_numpy(np.array(images[lo:lo + 16384])).to(device)
+    return out
+
+
+def open_cache(folder):
+    """A complete cache folder -> CachedImages; None if anything is missing or does not fit (a broken cache)."""
+    try:
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")  # checks the header against the file size
+    except (OSError, ValueError):
+        return None
+    if index.get("format") != FORMAT or images.shape != (len(index["files"]), index["image_size"], index["image_size"], 3):
+        return None
+    return CachedImages(images, index["files"], index["dropped"])
+
+
+def load_or_build(files, image_size, cache_dir, name, build=True, workers=None):
+    """The cache of `files` at `image_size` under cache_dir: opened if it is there and whole, else built.
+
+    build=False only opens (for ranks that wait while another process builds); returns None if absent.
+    """
+    folder = os.path.join(cache_dir, f"{name}-{image_size}-{cache_key(files, image_size)}")
+    cached = open_cache(folder)
+    if cached is not None or not build:
+        return cached
+    if os.path.exists(folder):
+        print(f"cache {folder} is incomplete or damaged; rebuilding it", file=sys.stderr)
+        shutil.rmtree(folder)
+    build_cache(files, image_size, folder, workers)
+    return open_cache(folder)
+
+
+def build_cache(files, image_size, folder, workers=None):
+    """Decode, resize and crop every file into folder/images.npy on all cores; drop (and name) what cannot be decoded."""
+    parent, base = os.path.split(folder)
+    os.makedirs(parent or ".", exist_ok=True)
+    host = socket.gethostname()
+    for stale in os.listdir(parent or "."):  # left by an interrupted build of this same cache on this machine
+        if stale.startswith(f".{base}.tmp-{host}-") and not _alive(int(stale.rsplit("-", 1)[1])):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{host}-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        path = os.path.join(tmp, "images.npy")
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), image_size, image_size, 3))
+        del out  # the workers write into the file; this process only needs it to exist at full size
+        workers = workers or len(os.sched_getaffinity(0))
+        chunks = [(path, files[lo:lo + 256], image_size, lo) for lo in range(0, len(files), 256)]
+        bad = []
+        with tqdm(total=len(files), desc=f"caching {len(files):,} images at {image_size}x{image_size} on {workers} cores",
+                  unit="img", dynamic_ncols=True) as bar:
+            if workers > 1:
+                with multiprocessing.Pool(workers) as pool:
+                    for n, failed in pool.imap_unordered(_decode_chunk, chunks):
+                        bad += failed
+                        bar.update(n)
+            else:
+                for chunk in chunks:
+                    n, failed = _decode_chunk(chunk)
+                    bad += failed
+                    bar.update(n)
+        bad.sort()
+        for i in bad:
+            warnings.warn(f"left out of the cache: {files[i]} cannot be decoded as an image", stacklevel=2)
+        if len(bad) == len(files):
+            raise UserError(f"none of the {len(files):,} images could be decoded (e.g. {files[0]}); check --data-root")
+        kept = sorted(set(range(len(files))) - set(bad))
+        if bad:  # compact: the cache holds only decodable images, in the order of the file list
+            full = np.load(path, mmap_mode="r")
+            compact = np.lib.format.open_memmap(path + ".kept", mode="w+", dtype=np.uint8, shape=(len(kept),) + full.shape[1:])
+            for lo in range(0, len(kept), 4096):
+                compact[lo:lo + 4096] = full[kept[lo:lo + 4096]]
+            compact.flush()
+            del full, compact
+            os.replace(path + ".kept", path)
+            print(f"warning: {len(bad)} of {len(files):,} images could not be decoded and are left out of the cache",
+                  file=sys.stderr)
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump({"format": FORMAT, "image_size": image_size, "crop": CROP, "files": [files[i] for i in kept],
+                       "dropped": [files[i] for i in bad]}, f)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())  # the rename below must never publish pixels that are still only in memory
+        try:
+            os.rename(tmp, folder)  # atomic: the cache appears whole or not at all
+        except OSError:  # another process published the same cache first; its pixels are the same
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid):
+    """Whether a process of this machine still runs: another run may be building the same cache right now."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _decode_chunk(job):
+    """In a worker: decode a run of files into the cache file's rows from lo on; returns (count, indices that failed)."""
+    path, files, image_size, lo = job
+    out = np.load(path, mmap_mode="r+")  # each worker writes its own rows straight into the file: no pickled pixels
+    crop = data.resize_crop(image_size)
+    failed = []
+    for i, f in enumerate(files, start=lo):
+        try:
+            with Image.open(f) as im:
+                out[i] = np.asarray(crop(im.convert("RGB")))
+        except Exception:  # truncated, not an image, unreadable: the same files data.ImageFiles would skip
+            failed.append(i)
+    out.flush()
+    return len(files), failed

@@ -1,0 +1,180 @@
+"""The uint8 image cache: same pixels as the plain loader, rebuilt when its sources change, never used half-made."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cache  # noqa: E402
+import data  # noqa: E402
+import main  # noqa: E402
+from errors import UserError  # noqa: E402
+from models import load_checkpoint  # noqa: E402
+
+
+def make_images(folder, n, seed=0, broken=()):
+    """n small JPEGs and PNGs of assorted shapes (so resize and crop both matter); names in `broken` get garbage bytes."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = int(rng.integers(33, 70)), int(rng.integers(33, 70))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.{'png' if i % 5 == 0 else 'jpg'}"), quality=90)
+    for name in broken:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"not an image at all")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
+def test_cache_holds_the_plain_loaders_pixels_in_order(tmp_path):
+    files = make_images(tmp_path / "img", 12, broken=["005b.jpg"])
+    with pytest.warns(UserWarning, match="005b.jpg"):
+        cached = cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=2)
+    plain = data.ImageFiles(files, 32)
+    good = [i for i in range(len(files)) if plain[i][1]]
+    assert len(good) == 12 and cached.files == [files[i] for i in good]
+    assert cached.dropped == [str(tmp_path / "img" / "005b.jpg")]
+    assert cached.images.shape == (12, 32, 32, 3) and cached.images.dtype == np.uint8
+    for j, i in enumerate(good):
+        assert torch.equal(cached[j][0], plain[i][0]), f"image {files[i]} differs"
+    (batch, _), = cache.batches(cached.images, [3, 0, 7, 1], 0, 1, 3, 0, 1, torch.device("cpu"))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([plain[good[k]][0] for k in (3, 0, 7)]))
+    on_torch = data.normalize_uint8(torch.from_numpy(np.array(cached.images[[3, 0, 7]])))  # the path a GPU takes
+    assert torch.equal(on_torch, batch) and on_torch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_second_run_opens_the_same_cache(tmp_path):
+    files = make_images(tmp_path / "img", 6)
+    first = cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=1)
+    stamp = os.stat(first.images.filename).st_mtime_ns
+    second = cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=1)
+    assert second.images.filename == first.images.filename and os.stat(second.images.filename).st_mtime_ns == stamp
+
+
+def test_changed_files_or_size_give_a_new_cache(tmp_path):
+    folder, cache_dir = tmp_path / "img", str(tmp_path / "cache")
+    files = make_images(folder, 6)
+    old = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    # another image size
+    bigger = cache.load_or_build(files, 64, cache_dir, "t", workers=1)
+    assert bigger.images.shape == (6, 64, 64, 3)
+    # one more file
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "zzz.png")
+    assert len(cache.load_or_build(files + [str(folder / "zzz.png")], 32, cache_dir, "t", workers=1)) == 7
+    # a file rewritten in place with other pixels (its size and mtime change)
+    Image.fromarray(np.full((50, 40, 3), 200, np.uint8)).save(files[1])
+    os.utime(files[1], ns=(1, 1))
+    rebuilt = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    assert rebuilt.images.filename != old.images.filename
+    assert torch.equal(rebuilt[1][0], data.ImageFiles(files, 32)[1][0])
+    assert not torch.equal(rebuilt[1][0], old[1][0])
+
+
+def test_half_written_cache_is_detected_and_rebuilt(tmp_path):
+    files = make_images(tmp_path / "img", 6)
+    cache_dir = str(tmp_path / "cache")
+    built = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    folder = os.path.dirname(built.images.filename)
+    expected = np.array(built.images)
+    del built
+    with open(os.path.join(folder, "images.npy"), "r+b") as f:  # as if the disk filled up mid-write
+        f.truncate(os.path.getsize(os.path.join(folder, "images.npy")) // 2)
+    assert cache.open_cache(folder) is None
+    rebuilt = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    assert np.array_equal(np.array(rebuilt.images), expected)
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
+    files = make_images(tmp_path / "img", 600)
+    cache_dir = str(tmp_path / "cache")
+    calls = []
+    real = cache._decode_chunk
+    def decode_then_die(job):
+        calls.append(job)
+        if len(calls) == 2:  # the second chunk of 256: the first is already in the file
+            raise KeyboardInterrupt
+        return real(job)
+    monkeypatch.setattr(cache, "_decode_chunk", decode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    assert os.listdir(cache_dir) == []  # neither a cache nor its temporary folder
+    monkeypatch.setattr(cache, "_decode_chunk", real)
+    # a build killed outright (no cleanup ran) leaves its temporary folder; the next build removes it
+    key = cache.cache_key(files, 32)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = os.path.join(cache_dir, f".t-32-{key}.tmp-{socket.gethostname()}-{int(dead.stdout)}")
+    os.makedirs(leftover)
+    assert len(cache.load_or_build(files, 32, cache_dir, "t", workers=1)) == 600
+    assert os.listdir(cache_dir) == [f"t-32-{key}"]
+
+
+def train_args(tmp_path, root, *extra):
+    return ["--dataset", "folder", "--data-root", str(root), "--image-size", "32", "--ngf", "8", "--ndf", "8",
+            "--batch", "8", "--workers", "0", "--log-every", "1", "--sample-every", "1000",
+            "--logdir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def run(argv):
+    cfg, ckpt = main.make_config(argv)
+    return main.train(cfg, ckpt), load_checkpoint(cfg["run_dir"])
+
+
+def test_cache_and_plain_loader_train_the_same(tmp_path):
+    make_images(tmp_path / "img", 40)
+    plain, plain_ckpt = run(train_args(tmp_path, tmp_path / "img", "--no-cache", "--max-steps", "3", "--run-name", "plain"))
+    cached, cached_ckpt = run(train_args(tmp_path, tmp_path / "img", "--max-steps", "3", "--run-name", "cached"))
+    assert os.listdir(tmp_path / "cache"), "the cached run made no cache"
+    assert plain == cached
+    for net in ("G", "D"):
+        for k, v in plain_ckpt[net].items():
+            assert torch.equal(v, cached_ckpt[net][k]), f"{net}.{k} differs"
+
+
+def test_resumed_cached_run_equals_an_uninterrupted_one(tmp_path):
+    make_images(tmp_path / "img", 40)  # about 32 in the train split: 4 steps an epoch, so the resume crosses an epoch
+    whole, whole_ckpt = run(train_args(tmp_path, tmp_path / "img", "--epochs", "3", "--max-steps", "6", "--run-name", "whole"))
+    run(train_args(tmp_path, tmp_path / "img", "--epochs", "3", "--max-steps", "3", "--run-name", "parts"))
+    resumed, resumed_ckpt = run(["--resume", str(tmp_path / "runs" / "parts"), "--max-steps", "6"])
+    assert resumed == whole
+    for net in ("G", "D", "opt_G"):
+        assert torch.equal(torch.cat([v.flatten().float() for v in main_state(whole_ckpt[net])]),
+                           torch.cat([v.flatten().float() for v in main_state(resumed_ckpt[net])]))
+
+
+def main_state(state):
+    """Every tensor in a state dict (nested, as an optimizer's is), in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in main_state(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in main_state(v)]
+    return []
+
+
+def test_precision_flags_on_cpu(tmp_path):
+    make_images(tmp_path / "img", 40)
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        run(train_args(tmp_path, tmp_path / "img", "--precision", "fp16", "--max-steps", "1", "--run-name", "fp16"))
+    stats, _ = run(train_args(tmp_path, tmp_path / "img", "--precision", "bf16", "--max-steps", "2", "--run-name", "bf16"))
+    assert stats["step"] == 2 and all(np.isfinite(stats[k]) for k in ("loss/D", "loss/G"))
+
+
+def test_ranks_split_every_global_batch(tmp_path):
+    files = make_images(tmp_path / "img", 8)
+    cached = cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=1)
+    order, cpu = main.epoch_order(8, 0, 0), torch.device("cpu")
+    whole = [x for x, _ in cache.batches(cached.images, order, 0, 2, 4, 0, 1, cpu)]
+    shares = [[x for x, _ in cache.batches(cached.images, order, 0, 2, 4, rank, 2, cpu)] for rank in (0, 1)]
+    assert len(whole) == 2 and whole[0].shape[0] == 4 and shares[0][0].shape[0] == 2
+    for s in range(2):
+        assert torch.equal(whole[s], torch.cat([shares[0][s], shares[1][s]]))
+    assert not torch.equal(whole[0], whole[1])
