@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import sys
-import warnings
 
 import numpy as np
 import PIL
@@ -155,7 +154,7 @@ def build_cache(files, image_size, folder, workers=None):
                     bar.update(n)
         bad.sort()
         for i in bad:
-            warnings.warn(f"left out of the cache: {files[i]} cannot be decoded as an image", stacklevel=2)
+            print(f"warning: skipped {files[i]}: it cannot be decoded as an image (left out of the cache)", file=sys.stderr)
         if len(bad) == len(files):
             raise UserError(f"none of the {len(files):,} images could be decoded (e.g. {files[0]}); check --data-root")
         kept = sorted(set(range(len(files))) - set(bad))

@@ -99,14 +99,16 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert ckpt["step"] == 4  # the end of epoch 1, untouched
 
 
-def test_undecodable_images_are_skipped_and_counted(tmp_path, capsys):
+@pytest.mark.parametrize("source", [["--no-cache"], ["--cache-dir", "CACHE"]])
+def test_undecodable_images_are_skipped_and_counted(tmp_path, capsys, source):
     paths = write_jpegs(str(tmp_path / "imgs"), [f"{i:03d}.jpg" for i in range(80)])
     broken = [p for p in paths if "/imgs/00" in p][:3]
     for p in broken:
         with open(p, "w") as f:
             f.write("not a jpeg")
     args = ["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--batch", "8", "--image-size", "32",
-            "--ngf", "8", "--ndf", "8", "--workers", "0", "--epochs", "1", "--logdir", str(tmp_path / "runs")]
+            "--ngf", "8", "--ndf", "8", "--workers", "0", "--epochs", "1", "--logdir", str(tmp_path / "runs"),
+            *[str(tmp_path / "cache") if a == "CACHE" else a for a in source]]
     assert main.main(args) == 0
     err = capsys.readouterr().err
     in_train = [p for p in broken if main.data.hash_split(os.path.basename(p)) == "train"]
