@@ -85,7 +85,7 @@ def list_inputs(paths):
     return found
 
 
-def input_frames(path, kind, args):
+def input_frames(path, kind, frames=32, every=None):
     """-> (info, iterator of (index, seconds, RGB frame)); raises UserError for an input that cannot be read."""
     if os.path.getsize(path) == 0:
         raise UserError("is an empty file (0 bytes)")
@@ -93,7 +93,7 @@ def input_frames(path, kind, args):
         frame = read_image(path)
         info = {"width": frame.shape[1], "height": frame.shape[0], "fps": 0.0, "frames_total": 1, "frames_sampled": 1, "decode_errors": 0}
         return info, iter([(0, 0.0, frame)])
-    return open_video(path, args.frames, args.every)
+    return open_video(path, frames, every)
 
 
 def unique_stem(path, taken):
@@ -110,9 +110,9 @@ def unique_stem(path, taken):
 # -----------------------------------------------------------------------------
 # scoring
 
-def score_input(path, kind, model, device, image_size, finder, args, threshold):
+def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64):
     """Sample, find faces, score them in batches -> the input's result dict (frames included)."""
-    info, frames = input_frames(path, kind, args)
+    info, frames = input_frames(path, kind, frames, every)
     transform = preprocess(image_size)
     records, pending = [], []
 
@@ -130,7 +130,7 @@ def score_input(path, kind, model, device, image_size, finder, args, threshold):
             faces.append({"box": list(box), "crop": list(square), "score": None})
             pending.append((faces[-1], transform(crop)))
         records.append({"index": index, "time": round(seconds, 3), "faces": faces})
-        if len(pending) >= args.batch:
+        if len(pending) >= batch:
             flush()
     flush()
     for r in records:
@@ -261,7 +261,7 @@ def extract(inputs, finder, args):
             if problem:
                 raise UserError(problem)
             stem = unique_stem(path, taken)
-            info, frames = input_frames(path, kind, args)
+            info, frames = input_frames(path, kind, args.frames, args.every)
             n = 0
             for index, _, frame in tqdm(frames, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False):
                 for k, (_, _, crop) in enumerate(face_crops(frame, finder)):
@@ -310,7 +310,7 @@ def main(argv=None):
         try:
             if problem:
                 raise UserError(problem)
-            result = score_input(path, kind, model, device, cfg["image_size"], finder, args, threshold)
+            result = score_input(path, kind, model, device, cfg["image_size"], finder, threshold, args.frames, args.every, args.batch)
         except UserError as e:
             tqdm.write(f"error: {path}: {e}", file=sys.stderr)
             results.append({"file": path, "kind": kind, "error": str(e)})
