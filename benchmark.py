@@ -127,7 +127,7 @@ def get_args_parser():
     v.add_argument("--checkpoint", default=None, help="a run folder or checkpoint (default: an untrained 64x64 discriminator)")
     v.add_argument("--frames", type=at_least(1), default=32, help="frames sampled from the video")
     v.add_argument("--detect-size", type=at_least(64), default=320, help="as in detect.py")
-    v.add_argument("--max-faces", type=at_least(1), default=4, help="as in detect.py")
+    v.add_argument("--max-faces", type=at_least(1), default=1, help="as in detect.py")
     v.add_argument("--repeat", type=at_least(1), default=3, help="runs per measurement; the median is printed")
     v.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
     v.set_defaults(func=bench_video)

@@ -45,7 +45,9 @@ def get_args_parser():
     sampling.add_argument("--every", type=at_least(1), default=None, metavar="K", help="instead: every K-th frame (--every 1: all of them)")
     g.add_argument("--faces", choices=("haar", "none"), default="haar",
                    help="haar: find faces with OpenCV's cascade; none: score the centre crop (for inputs that are already face crops)")
-    g.add_argument("--max-faces", type=at_least(1), default=4, help="score at most this many faces per frame, the largest")
+    g.add_argument("--max-faces", type=at_least(1), default=1,
+                   help="score at most this many faces per frame, the largest; raise it for several people, but then the "
+                        "cascade's false positives (face-sized textures) are scored too, and a frame takes its highest score")
     g.add_argument("--detect-size", type=at_least(64), default=320,
                    help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller faces, slower")
     g = p.add_argument_group("scoring")

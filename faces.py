@@ -135,7 +135,7 @@ def read_image(path):
 class FaceFinder:
     """OpenCV's frontal-face Haar cascade, run on a downscaled copy of the frame."""
 
-    def __init__(self, *, detect_size=320, max_faces=4, min_neighbors=5):
+    def __init__(self, *, detect_size=320, max_faces=1, min_neighbors=5):
         path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
         self.cascade = cv2.CascadeClassifier(path)
         if self.cascade.empty():

@@ -39,10 +39,19 @@ def blank_frame(i):
     return np.full((H, W, 3), 60 + i, dtype=np.uint8)
 
 
+def two_faces(i):
+    """Two different drawn faces side by side, both found by the cascade."""
+    im = Image.new("RGB", (2 * W, H), (200, 200, 200))
+    im.paste(data.draw_face(random.Random(FACE_SEED), 96), (30 + i, 12))
+    im.paste(data.draw_face(random.Random(5), 96), (W + 30, 12))
+    return np.asarray(im)
+
+
 def write_video(path, n, draw=frame_with_face, rate=10):
+    height, width = draw(0).shape[:2]
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=rate)  # B-frames on, as in real files
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(n):
             out.mux(stream.encode(av.VideoFrame.from_ndarray(draw(i), format="rgb24")))
         out.mux(stream.encode())
@@ -83,8 +92,9 @@ def read_csv(path):
 
 
 def test_the_drawn_face_is_found():
-    finder = faces.FaceFinder()
+    finder = faces.FaceFinder(max_faces=4)
     assert len(finder(frame_with_face(0))) == 1, "OpenCV's cascade no longer finds the drawn face of FACE_SEED; pick another seed"
+    assert len(finder(two_faces(0))) == 2, "OpenCV's cascade no longer finds both drawn faces; pick other seeds"
     assert finder(blank_frame(0)) == []
 
 
@@ -250,3 +260,23 @@ def test_extracted_crops_are_the_scored_crops(tmp_path, checkpoint):
         with Image.open(crops / f) as im:  # what a detector trained on these folders would be fed
             direct = fake_scores(model, data.preprocess(cfg["image_size"])(im.convert("RGB"))[None]).item()
         assert float(r["score"]) == pytest.approx(direct, abs=1e-6)
+
+
+def test_a_frame_scores_its_most_fake_looking_face(tmp_path, checkpoint):
+    video = write_video(tmp_path / "two.mp4", 6, draw=two_faces)
+    out = tmp_path / "out"
+    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "3", "--max-faces", "2", "--out", str(out),
+                        "--tensorboard", str(tmp_path / "tb")]) == 0
+    report = json.loads((out / "two.json").read_text())
+    assert report["faces"] == 6
+    for fr in report["frames"]:
+        assert len(fr["faces"]) == 2 and fr["score"] == max(f["score"] for f in fr["faces"])
+    assert report["score"] == pytest.approx(np.mean([fr["score"] for fr in report["frames"]]))
+    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "3", "--out", str(out)]) == 0
+    assert json.loads((out / "two.json").read_text())["faces"] == 3  # one face a frame by default, the largest
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    curve = events.Scalars("score/two")
+    assert [e.step for e in curve] == [fr["index"] for fr in report["frames"]]
+    assert [e.value for e in curve] == pytest.approx([fr["score"] for fr in report["frames"]])
