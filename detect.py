@@ -32,6 +32,13 @@ from main import ArgumentParser, at_least, pick_device
 NO_FACE = "no face"
 
 
+def probability(text):
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -51,7 +58,7 @@ def get_args_parser():
     g.add_argument("--detect-size", type=at_least(64), default=320,
                    help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller faces, slower")
     g = p.add_argument_group("scoring")
-    g.add_argument("--threshold", type=float, default=None, help="call a video fake at this score or above (default: the detector's own)")
+    g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above; None: the threshold stored with the detector")
     g.add_argument("--batch", type=at_least(1), default=64, help="face crops per forward pass")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g = p.add_argument_group("output")
