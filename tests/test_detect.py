@@ -86,6 +86,11 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
+def run_detect(argv):
+    """detect.py on the CPU, where the scores are compared with the CPU model's to 1e-6 (a GPU's TF32 convolutions differ more)."""
+    return detect.main([*argv, "--device", "cpu"])
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -122,7 +127,7 @@ def test_sampled_frames_equal_a_plain_decode(tmp_path):
 def test_video_report(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 40)
     out = tmp_path / "out"
-    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "8", "--out", str(out)]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "8", "--out", str(out)]) == 0
 
     [row] = read_csv(out / "summary.csv")
     assert row["filename"] == video
@@ -143,7 +148,7 @@ def test_video_report(tmp_path, checkpoint):
     assert report["score"] == pytest.approx(float(row["score"]), abs=1e-6)
 
     # --every K samples every K-th frame, and the threshold can be overridden
-    assert detect.main([video, "--checkpoint", checkpoint, "--every", "5", "--threshold", "0", "--out", str(out)]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--every", "5", "--threshold", "0", "--out", str(out)]) == 0
     [row] = read_csv(out / "summary.csv")
     assert row["frames"] == "8" and row["verdict"] == "fake" and row["share_above_threshold"] == "1.0000"
     assert [int(r["frame"]) for r in read_csv(out / "frames.csv")] == list(range(0, 40, 5))
@@ -153,7 +158,7 @@ def test_crop_scores_like_the_tensor(tmp_path, checkpoint):
     # the score detect.py reports for a face is the score of that crop, preprocessed as in training, scored directly
     video = write_video(tmp_path / "face.mp4", 12)
     out = tmp_path / "out"
-    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 0
     model, _, _, cfg = load_detector(checkpoint)
     frames = decode_all(video)
     report = json.loads((out / "face.json").read_text())
@@ -175,7 +180,7 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
         data.draw_face(random.Random(seed), 48).save(p)
     (folder / "notes.txt").write_text("not an image; folders may hold such files")
     out = tmp_path / "out"
-    assert detect.main([str(folder), "--faces", "none", "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    assert run_detect([str(folder), "--faces", "none", "--checkpoint", checkpoint, "--out", str(out)]) == 0
     rows = read_csv(out / "summary.csv")
     assert [r["filename"] for r in rows] == [str(p) for p in paths]
     model, _, _, cfg = load_detector(checkpoint)
@@ -189,7 +194,7 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
 def test_no_face_is_its_own_verdict(tmp_path, checkpoint, capsys):
     video = write_video(tmp_path / "empty_room.mp4", 10, draw=blank_frame)
     out = tmp_path / "out"
-    assert detect.main([video, "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--out", str(out)]) == 0
     [row] = read_csv(out / "summary.csv")
     assert (row["verdict"], row["label"], row["score"], row["frames_without_face"]) == ("no face", "", "", "10")
     assert "no face found" in capsys.readouterr().err
@@ -212,7 +217,7 @@ def test_bad_inputs_fail_alone(tmp_path, checkpoint, capsys):
     notes.write_text("hello")
     inputs = [str(truncated), str(text), str(empty), str(zero), str(notes), str(tmp_path / "missing.mp4"), good]
     out = tmp_path / "out"
-    assert detect.main([*inputs, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 1
+    assert run_detect([*inputs, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     for bad in inputs[:-1]:
         assert sum(line.startswith(f"error: {bad}:") for line in err.splitlines()) == 1
@@ -226,19 +231,19 @@ def test_bad_inputs_fail_alone(tmp_path, checkpoint, capsys):
 def test_checkpoint_errors_come_before_decoding(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 3)
     with pytest.raises(UserError, match="does not exist"):
-        detect.main([video, "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+        run_detect([video, "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["config"]["ndf"] = 16  # the weights no longer fit the model the config builds
     save_checkpoint(ckpt, tmp_path / "mismatched.pt")
     with pytest.raises(UserError, match="does not fit"):
-        detect.main([video, "--checkpoint", str(tmp_path / "mismatched.pt"), "--out", str(tmp_path / "out")])
+        run_detect([video, "--checkpoint", str(tmp_path / "mismatched.pt"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # nothing was scored or written
 
 
 def test_annotated_video_keeps_every_frame(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 15)
     out = tmp_path / "out"
-    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "5", "--out", str(out), "--annotate"]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "5", "--out", str(out), "--annotate"]) == 0
     original, annotated = decode_all(video), decode_all(out / "face.annotated.mp4")
     assert len(annotated) == len(original) == 15
     assert annotated[0].shape == original[0].shape
@@ -250,11 +255,11 @@ def test_annotated_video_keeps_every_frame(tmp_path, checkpoint):
 def test_extracted_crops_are_the_scored_crops(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 20)
     crops = tmp_path / "crops"
-    assert detect.main([video, "--extract", str(crops), "--frames", "4"]) == 0  # no checkpoint needed
+    assert run_detect([video, "--extract", str(crops), "--frames", "4"]) == 0  # no checkpoint needed
     files = sorted(os.listdir(crops))
     assert files == [f"face_{i:06d}_0.png" for i in faces.sample_indices(20, 4)]
     out = tmp_path / "out"
-    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 0
     model, _, _, cfg = load_detector(checkpoint)
     for f, r in zip(files, read_csv(out / "frames.csv")):
         with Image.open(crops / f) as im:  # what a detector trained on these folders would be fed
@@ -265,14 +270,14 @@ def test_extracted_crops_are_the_scored_crops(tmp_path, checkpoint):
 def test_a_frame_scores_its_most_fake_looking_face(tmp_path, checkpoint):
     video = write_video(tmp_path / "two.mp4", 6, draw=two_faces)
     out = tmp_path / "out"
-    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "3", "--max-faces", "2", "--out", str(out),
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "3", "--max-faces", "2", "--out", str(out),
                         "--tensorboard", str(tmp_path / "tb")]) == 0
     report = json.loads((out / "two.json").read_text())
     assert report["faces"] == 6
     for fr in report["frames"]:
         assert len(fr["faces"]) == 2 and fr["score"] == max(f["score"] for f in fr["faces"])
     assert report["score"] == pytest.approx(np.mean([fr["score"] for fr in report["frames"]]))
-    assert detect.main([video, "--checkpoint", checkpoint, "--frames", "3", "--out", str(out)]) == 0
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "3", "--out", str(out)]) == 0
     assert json.loads((out / "two.json").read_text())["faces"] == 3  # one face a frame by default, the largest
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
