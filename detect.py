@@ -121,7 +121,7 @@ def unique_stem(path, taken):
 
 def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64):
     """Sample, find faces, score them in batches -> the input's result dict (frames included)."""
-    info, frames = input_frames(path, kind, frames, every)
+    info, decoded = input_frames(path, kind, frames, every)
     transform = preprocess(image_size)
     records, pending = [], []
 
@@ -132,8 +132,8 @@ def score_input(path, kind, model, device, image_size, finder, threshold, frames
                 face["score"] = s
             pending.clear()
 
-    bar = tqdm(frames, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False, dynamic_ncols=True)
-    for index, seconds, frame in bar:
+    for index, seconds, frame in tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame",
+                                      leave=False, dynamic_ncols=True):
         faces = []
         for box, square, crop in face_crops(frame, finder):
             faces.append({"box": list(box), "crop": list(square), "score": None})
@@ -270,9 +270,9 @@ def extract(inputs, finder, args):
             if problem:
                 raise UserError(problem)
             stem = unique_stem(path, taken)
-            info, frames = input_frames(path, kind, args.frames, args.every)
+            info, decoded = input_frames(path, kind, args.frames, args.every)
             n = 0
-            for index, _, frame in tqdm(frames, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False):
+            for index, _, frame in tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False):
                 for k, (_, _, crop) in enumerate(face_crops(frame, finder)):
                     crop.save(os.path.join(args.extract, f"{stem}_{index:06d}_{k}.png"))
                     n += 1
