@@ -64,7 +64,8 @@ def open_video(path, frames=32, every=None):
 
     The frames are decoded in one sequential pass; no seeking, which would decode from the
     previous keyframe for every sampled frame. Frames that are not sampled and that no other
-    frame refers to are skipped by the decoder, which halves the work for H.264.
+    frame refers to (H.264's B-frames, mostly) are skipped by the decoder: a third less
+    decoding work on the 720p benchmark video.
     """
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -112,10 +113,12 @@ def _decode_by_order(path, wanted):
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        i = 0
         try:
-            for i, frame in enumerate(container.decode(stream)):
+            for frame in container.decode(stream):
                 if i in wanted:
                     yield i, float(frame.time or 0.0), frame.to_ndarray(format="rgb24")
+                i += 1
         except av.FFmpegError as e:
             raise UserError(f"stopped decoding at frame {i} ({_ffmpeg_message(e)})") from None
 
