@@ -289,6 +289,8 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     finder = None if args.faces == "none" else FaceFinder(detect_size=args.detect_size, max_faces=args.max_faces)
     inputs = list_inputs(args.inputs)
+    if not inputs:
+        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
     if args.extract:
         return extract(inputs, finder, args)
     if args.checkpoint is None:

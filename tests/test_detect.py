@@ -229,6 +229,12 @@ def test_bad_inputs_fail_alone(tmp_path, checkpoint, capsys):
     assert rows[good]["verdict"] in ("real", "fake") and rows[good]["frames_with_face"] == "4"
 
 
+def test_a_folder_without_media_is_a_clear_error(tmp_path, checkpoint):
+    (tmp_path / "notes.txt").write_text("nothing to score")
+    with pytest.raises(UserError, match="no videos .* or images"):
+        run_detect([str(tmp_path), "--checkpoint", checkpoint])
+
+
 def test_checkpoint_errors_come_before_decoding(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 3)
     with pytest.raises(UserError, match="does not exist"):
