@@ -210,7 +210,7 @@ def score_colour(score):
 
 
 def draw_faces(frame, faces):
-    frame = np.ascontiguousarray(frame)
+    frame = np.array(frame)  # a writable copy: decoded frames may be read-only, and the caller's stays clean
     thickness = max(2, frame.shape[0] // 300)
     for face in faces:
         x, y, w, h = face["box"]

@@ -184,8 +184,8 @@ def face_crops(frame, finder):
     """
     height, width = frame.shape[:2]
     if finder is None:
-        square = centre_square(width, height)
-        return [(square, square, Image.fromarray(frame))]
+        x0, y0, side = centre_square(width, height)
+        return [((x0, y0, side, side), (x0, y0, side), Image.fromarray(frame))]
     crops = []
     for box in finder(frame):
         x0, y0, side = crop_square(box, width, height)

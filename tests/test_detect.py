@@ -181,7 +181,9 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
         data.draw_face(random.Random(seed), 48).save(p)
     (folder / "notes.txt").write_text("not an image; folders may hold such files")
     out = tmp_path / "out"
-    assert run_detect([str(folder), "--faces", "none", "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    assert run_detect([str(folder), "--faces", "none", "--checkpoint", checkpoint, "--out", str(out), "--annotate"]) == 0
+    with Image.open(out / "c.annotated.png") as im:
+        assert im.size == (48, 48)
     rows = read_csv(out / "summary.csv")
     assert [r["filename"] for r in rows] == [str(p) for p in paths]
     model, _, _, cfg = load_detector(checkpoint)
@@ -190,6 +192,8 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
             direct = fake_scores(model, data.preprocess(cfg["image_size"])(im.convert("RGB"))[None]).item()
         assert float(r["score"]) == pytest.approx(direct, abs=1e-6)
         assert (r["frames"], r["faces"]) == ("1", "1")
+    boxes = [[int(r[k]) for k in "xywh"] for r in read_csv(out / "frames.csv")]
+    assert boxes == [[0, 0, 48, 48]] * 3  # the centre square the model saw
 
 
 def test_no_face_is_its_own_verdict(tmp_path, checkpoint, capsys):
