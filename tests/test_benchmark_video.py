@@ -1,0 +1,21 @@
+"""benchmark.py video on a small video written here: the three ways of decoding agree, and the report is printed."""
+
+import benchmark
+import faces
+from test_detect import write_video
+
+
+def test_decoders_take_the_same_frames(tmp_path):
+    video = write_video(tmp_path / "v.mp4", 30)
+    indices = faces.sample_indices(30, 6)
+    assert benchmark.decode_seeking(video, indices) == benchmark.decode_everything(video, indices) == len(indices)
+    assert benchmark.decode_ours(video, 6) == len(indices)
+
+
+def test_bench_video_prints_each_measurement(tmp_path, capsys):
+    video = write_video(tmp_path / "v.mp4", 12)
+    assert benchmark.cli(["video", video, "--frames", "4", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "decode 4 frames" in out and "faster" in out
+    assert "detect 4 frames" in out and "4 with a face" in out
+    assert "detect --every 1: 12 frames" in out
