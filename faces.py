@@ -139,6 +139,9 @@ class FaceFinder:
     """OpenCV's frontal-face Haar cascade, run on a downscaled copy of the frame."""
 
     def __init__(self, *, detect_size=320, max_faces=1, min_neighbors=5):
+        if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+            raise UserError(f"OpenCV {cv2.__version__} has no Haar cascades (version 5 dropped them); "
+                            "install 'opencv-python-headless<5', or pass --faces none for inputs that are already face crops")
         path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
         self.cascade = cv2.CascadeClassifier(path)
         if self.cascade.empty():

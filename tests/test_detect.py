@@ -296,3 +296,12 @@ def test_a_frame_scores_its_most_fake_looking_face(tmp_path, checkpoint):
     curve = events.Scalars("score/two")
     assert [e.step for e in curve] == [fr["index"] for fr in report["frames"]]
     assert [e.value for e in curve] == pytest.approx([fr["score"] for fr in report["frames"]])
+
+
+def test_an_opencv_without_cascades_gets_one_clear_sentence(monkeypatch):
+    import cv2
+    import faces
+    from errors import UserError
+    monkeypatch.delattr(cv2, "CascadeClassifier")  # as in opencv 5, which dropped them
+    with pytest.raises(UserError, match="opencv-python-headless<5"):
+        faces.FaceFinder()
