@@ -7,6 +7,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import data
+from test_metrics import random_inception_weights  # noqa: F401 (a fixture)
 import detector
 import evaluate
 import main
@@ -83,3 +84,10 @@ def test_evaluate_on_a_missing_run_is_one_line(tmp_path, capsys):
     assert run_cli(evaluate.main, [str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_reports_fid_with_inception_weights(trained_run, random_inception_weights):
+    assert evaluate.main([trained_run, "--inception-weights", random_inception_weights]) == 0
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        quality = json.load(f)["generator"]
+    assert quality["fid"] > 0 and "kid_x1e3" in quality and "test-split" in quality["fid_protocol"]

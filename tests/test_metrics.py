@@ -117,3 +117,42 @@ def test_no_inception_weights_says_where_to_get_them():
     model, why = metrics.load_inception(None)
     assert model is None
     assert "skipped" in why and "weights-inception-2015-12-05" in why and "--inception-weights" in why
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A weights file of the right shape with random values: the real one is 91 MB and needs a download."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    patch = pytest.MonkeyPatch()
+    patch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+    patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    patch.undo()
+    for m in model.modules():  # He initialisation, so that features do not fade to zero through 90-odd layers
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_fid_and_kid_from_a_local_weights_file(random_inception_weights):
+    model, why = metrics.load_inception(random_inception_weights)
+    assert why is None
+    a, b = smooth_images(3, 0), smooth_images(3, 1)
+    noise = torch.rand(3, 3, 32, 32) * 2 - 1
+    fa, fb, fn = (metrics.inception_features(model, x) for x in (a, b, noise))
+    assert fa.shape == (3, 2048)
+    assert metrics.fid_kid(fa, fa)["fid"] == pytest.approx(0.0, abs=1e-3)
+    same, other = metrics.fid_kid(fa, fb), metrics.fid_kid(fa, fn)
+    assert same["fid"] < other["fid"] and same["kid_x1e3"] < other["kid_x1e3"]
+
+
+def test_a_wrong_weights_file_is_a_user_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(metrics.UserError, match="Inception-v3 2015-12-05"):
+        metrics.load_inception(str(path))
+    with pytest.raises(metrics.UserError, match="does not exist"):
+        metrics.load_inception(str(tmp_path / "missing.pth"))
