@@ -16,6 +16,7 @@ with a logistic regression (Durall, Keuper & Keuper 2020, "Watch your up-convolu
 import copy
 import io
 import os
+import time
 
 import numpy as np
 import torch
@@ -150,12 +151,14 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
     the other half from one generator drawn at random, so earlier artefacts are caught too.
     real_batches: an endless iterator of real image batches in [-1, 1].
     extra_batches: optional endless iterator of (images, labels 1 = real) from --detector-data.
+    log(step, loss, images_per_second) is called every log_every steps.
     Real and fake images share one batch, so BatchNorm's running statistics describe the mix
     that eval-mode scoring will see. Returns the detector in eval mode.
     """
     det = copy.deepcopy(D).to(device).train().requires_grad_(True)
     opt = torch.optim.Adam(det.parameters(), lr=lr, betas=(0.5, 0.999))
     transform = frame_augment(image_size)
+    t0 = time.time()
     for step in range(1, steps + 1):
         x, y = _mixed_batch(generators, real_batches, extra_batches, nz, device)
         # label 1 = real: the GAN's own convention, so P(fake) = sigmoid(-logit) still holds
@@ -164,7 +167,7 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
         loss.backward()
         opt.step()
         if log is not None and (step % log_every == 0 or step == steps):
-            log(step, loss.item())
+            log(step, loss.item(), step * len(x) / (time.time() - t0))
     recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, device, transform)
     return det.eval()
 

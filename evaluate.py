@@ -147,7 +147,8 @@ def build_detector(cfg, G, D, snapshots, *, steps, device, detector_data=None, l
         f"fakes from the final G and {len(snapshots)} snapshots" + (f", plus {detector_data}" if detector_data else ""))
     return detector.fine_tune(D, [G] + snapshots, real_batches, steps=steps, nz=cfg["nz"], device=device,
                               image_size=cfg["image_size"], extra_batches=extra,
-                              log=lambda s, loss: log(f"  detector step {s}/{steps}  loss {loss:.4f}"), log_every=max(1, steps // 10))
+                              log=lambda s, loss, ips: log(f"  detector step {s}/{steps}  loss {loss:.4f}  {ips:.0f} images/s"),
+                              log_every=max(1, steps // 10))
 
 
 def with_frame_augment(images, image_size, seed):
@@ -171,7 +172,7 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
     test_fake = fakes(G, len(test_real), nz, device, cfg["seed"] + SEED_TEST)
     snapshots = load_snapshots(run_dir, cfg, device, exclude_epoch=epoch)
     report = {"protocol": {
-        "real": f"{cfg['dataset']} {cfg['data_root'] if cfg['dataset'] != 'synthetic' else ''}".strip(),
+        "real_images": cfg["dataset"] if cfg["dataset"] == "synthetic" else f"{cfg['dataset']} at {cfg['data_root']}",
         "detector_train": "train split real images vs fakes from the final G and its snapshots, frame augmentations",
         "threshold": f"best balanced accuracy on {len(valid_real)} valid-split real images + as many fakes, clean and augmented",
         "test": f"{len(test_real)} test-split real images vs {len(test_fake)} fakes from unseen noise; every fake rounded to 8 bits",
