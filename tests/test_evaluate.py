@@ -1,17 +1,17 @@
 import json
 import os
+import random
 
 import pytest
 import torch
-from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import data
-from test_metrics import random_inception_weights  # noqa: F401 (a fixture)
 import detector
 import evaluate
 import main
 from errors import run_cli
+from test_metrics import random_inception_weights  # noqa: F401 (a fixture shared with test_metrics.py)
 
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "64", "--batch", "16", "--ngf", "8", "--ndf", "8",
         "--nz", "16", "--workers", "0", "--eval-images", "16"]
@@ -69,7 +69,7 @@ def test_detector_data_adds_labelled_faces(trained_run, tmp_path):
     for label, seed in (("real", 0), ("fake", 9)):
         os.makedirs(tmp_path / label)
         for i in range(20):
-            data.draw_face(__import__("random").Random(seed * 100 + i), 32).save(tmp_path / label / f"{i}.png")
+            data.draw_face(random.Random(seed * 100 + i), 32).save(tmp_path / label / f"{i}.png")
     assert evaluate.main([os.path.join(trained_run, "checkpoint.pt"), "--detector-steps", "2", "--detector-data", str(tmp_path)]) == 0
     ckpt = torch.load(os.path.join(trained_run, "detector.pt"), weights_only=True)
     assert ckpt["detector_data"] == str(tmp_path) and ckpt["steps"] == 2
