@@ -32,12 +32,14 @@ from tqdm import tqdm
 
 import cache
 import data
+import evaluate
 from errors import UserError, run_cli
 from models import IMAGE_SIZES, SHAPE_KEYS, build_models, load_checkpoint, load_state, save_checkpoint
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
-                    "cache", "cache_dir", "precision", "channels_last", "compile", "sync_bn")
+                    "cache", "cache_dir", "precision", "channels_last", "compile", "sync_bn",
+                    "detector_steps", "detector_data", "inception_weights", "eval_images")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -109,6 +111,15 @@ def get_args_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (slow first steps; helps most on GPUs)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch rather than each rank's share")
+    g = p.add_argument_group("evaluation and detector")
+    g.add_argument("--eval-images", type=at_least(2), default=1000,
+                   help="valid-split images for the per-epoch SWD and raw-D AUC, and test-split images for the final report")
+    g.add_argument("--detector-steps", type=at_least(0), default=2000,
+                   help="after training, fine-tune a copy of D into detector.pt for this many steps (0: skip; evaluate.py can do it later)")
+    g.add_argument("--detector-data", default=None, metavar="DIR",
+                   help="extra labelled faces for the detector: DIR/real/ and DIR/fake/ (e.g. FaceForensics++ crops)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="Inception-v3 2015-12-05 weights (weights-inception-2015-12-05-6726825d.pth) for FID/KID after training; without them FID is skipped")
     g = p.add_argument_group("output")
     g.add_argument("--logdir", default="runs/generative_model", help="each run gets a folder in here")
     g.add_argument("--run-name", default=None, help="the run folder's name (default: NNN-DATASET-SIZE, numbered)")
@@ -355,6 +366,9 @@ def train(cfg, ckpt=None):
 
     run_dir = cfg["run_dir"]
     writer = SummaryWriter(run_dir) if is_main else None
+    # held-out images for the per-epoch SWD and raw-D AUC, decoded once
+    valid_real = evaluate.load_images(data.build_dataset(cfg["dataset"], cfg["data_root"], "valid", cfg["image_size"], cfg["synthetic_size"]),
+                                      cfg.get("eval_images", 1000), cfg["seed"], cfg["workers"]) if is_main else None
     if ckpt is None and is_main:
         writer.add_text("config", "```\n" + json.dumps(cfg, indent=2) + "\n```")
         for summary in hparams({k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
@@ -422,8 +436,16 @@ def train(cfg, ckpt=None):
                 epoch, done_in_epoch = epoch + 1, 0
                 if is_main:
                     write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"epoch_{epoch:03d}.png"), writer, step)
+                    evaluate.save_snapshot(G, cfg, epoch, step, run_dir)  # fakes from earlier generators for the detector
+                    for k, v in evaluate.epoch_metrics(G, D, valid_real, cfg, device, epoch).items():
+                        writer.add_scalar(k, v, step)
             if last is not None and is_main:
                 checkpoint(last)
+        if is_main and not stop and epoch >= cfg["epochs"] and cfg.get("detector_steps", 0) > 0:
+            # the GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json)
+            evaluate.evaluate_run(cfg, G, D, run_dir, step=step, epoch=epoch, detector_steps=cfg["detector_steps"],
+                                  eval_images=cfg.get("eval_images", 1000), inception_weights=cfg.get("inception_weights"),
+                                  detector_data=cfg.get("detector_data"), device=device, writer=writer)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if writer is not None:

@@ -1,0 +1,93 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import data
+import detector
+import evaluate
+import main
+from errors import run_cli
+from test_metrics import random_inception_weights  # noqa: F401 (a fixture shared with test_metrics.py)
+
+TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "64", "--batch", "16", "--ngf", "8", "--ndf", "8",
+        "--nz", "16", "--workers", "0", "--eval-images", "16"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("runs")
+    assert main.main(TINY + ["--epochs", "2", "--detector-steps", "5", "--logdir", str(logdir), "--run-name", "r"]) == 0
+    return os.path.join(logdir, "r")
+
+
+def test_training_keeps_snapshots_and_writes_detector_and_report(trained_run):
+    assert sorted(os.listdir(os.path.join(trained_run, "snapshots"))) == ["G_epoch001.pt", "G_epoch002.pt"]
+    model, threshold, kind, cfg = detector.load_detector(trained_run)
+    assert kind == "fine-tuned detector" and 0 < threshold < 1 and not model.training
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        report = json.load(f)
+    for condition in ("clean", "jpeg50"):
+        assert set(report["detection"][condition]) == {"raw_D", "fine_tuned", "spectrum"}
+        for m in report["detection"][condition].values():
+            assert {"auc", "ap", "eer", "tpr@1%fpr", "accuracy", "threshold"} <= set(m)
+    assert report["detection"]["clean"]["fine_tuned"]["threshold"] == pytest.approx(threshold)
+    assert report["detection"]["clean"]["raw_D"]["threshold"] == 0.5
+
+
+def test_without_inception_weights_fid_is_skipped_with_directions(trained_run):
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        quality = json.load(f)["generator"]
+    assert quality["fid"] is None
+    assert "skipped" in quality["fid_skipped"] and "weights-inception-2015-12-05" in quality["fid_skipped"]
+    assert quality["swd_x1e3"]["avg"] > 0
+
+
+def test_epoch_metrics_and_report_reach_tensorboard(trained_run):
+    events = EventAccumulator(trained_run, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"raw_D/auc", "raw_D/accuracy", "swd/avg", "swd/32", "swd/16"} <= scalars
+    assert len(events.Scalars("swd/avg")) == 2  # one per epoch
+    assert {"test_clean/fine_tuned/auc", "test_jpeg50/spectrum/auc", "test_jpeg50/raw_D/eer"} <= scalars
+    assert "test_clean/fine_tuned" in events.Tags()["tensors"]  # the PR curve
+    assert "test_clean/fine_tuned/scores_fake" in events.Tags()["histograms"]
+
+
+def test_evaluate_reuses_the_stored_detector(trained_run):
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        before = json.load(f)
+    assert evaluate.main([trained_run]) == 0
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        after = json.load(f)
+    assert after["detection"] == before["detection"]  # same detector, same seeded test fakes, same baseline
+
+
+def test_detector_data_adds_labelled_faces(trained_run, tmp_path):
+    for label, seed in (("real", 0), ("fake", 9)):
+        os.makedirs(tmp_path / label)
+        for i in range(20):
+            data.draw_face(random.Random(seed * 100 + i), 32).save(tmp_path / label / f"{i}.png")
+    assert evaluate.main([os.path.join(trained_run, "checkpoint.pt"), "--detector-steps", "2", "--detector-data", str(tmp_path)]) == 0
+    ckpt = torch.load(os.path.join(trained_run, "detector.pt"), weights_only=True)
+    assert ckpt["detector_data"] == str(tmp_path) and ckpt["steps"] == 2
+
+
+def test_detector_data_without_subfolders_is_a_user_error(trained_run, tmp_path, capsys):
+    assert run_cli(evaluate.main, [trained_run, "--detector-steps", "1", "--detector-data", str(tmp_path)]) == 2
+    assert "real/ and fake/" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_missing_run_is_one_line(tmp_path, capsys):
+    assert run_cli(evaluate.main, [str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_reports_fid_with_inception_weights(trained_run, random_inception_weights):
+    assert evaluate.main([trained_run, "--inception-weights", random_inception_weights]) == 0
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        quality = json.load(f)["generator"]
+    assert quality["fid"] > 0 and "kid_x1e3" in quality and "test-split" in quality["fid_protocol"]

@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+import torch
+
+import metrics
+
+
+def labels_and_scores(kind, n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * n + [1] * n)
+    if kind == "perfect":
+        scores = np.concatenate([rng.uniform(0.0, 0.4, n), rng.uniform(0.6, 1.0, n)])
+    elif kind == "inverted":
+        scores = np.concatenate([rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.4, n)])
+    elif kind == "random":
+        scores = rng.uniform(0, 1, 2 * n)
+    elif kind == "ties":
+        scores = np.full(2 * n, 0.5)
+    return scores, labels
+
+
+def test_perfect_scores():
+    m = metrics.detection_metrics(*labels_and_scores("perfect"), threshold=0.5)
+    assert m["auc"] == 1.0 and m["ap"] == 1.0
+    assert m["eer"] == 0.0 and m["tpr@1%fpr"] == 1.0
+    assert m["accuracy"] == 1.0 and m["tpr"] == 1.0 and m["fpr"] == 0.0
+
+
+def test_inverted_scores():
+    m = metrics.detection_metrics(*labels_and_scores("inverted"), threshold=0.5)
+    assert m["auc"] == 0.0
+    assert m["eer"] == 1.0 and m["tpr@1%fpr"] == 0.0 and m["accuracy"] == 0.0
+
+
+def test_random_scores_are_near_chance():
+    m = metrics.detection_metrics(*labels_and_scores("random", n=5000), threshold=0.5)
+    assert abs(m["auc"] - 0.5) < 0.02 and abs(m["ap"] - 0.5) < 0.02
+    assert abs(m["eer"] - 0.5) < 0.02 and abs(m["accuracy"] - 0.5) < 0.02
+    assert m["tpr@1%fpr"] < 0.03
+
+
+def test_ties_count_half():
+    m = metrics.detection_metrics(*labels_and_scores("ties"), threshold=0.5)
+    assert m["auc"] == 0.5 and m["eer"] == 0.5 and m["tpr@1%fpr"] == 0.0
+    assert m["ap"] == 0.5  # one operating point with precision 1/2
+    assert m["accuracy"] == 0.5 and m["tpr"] == 1.0  # a score equal to the threshold counts as fake
+
+
+def test_detection_metrics_refuse_one_class():
+    with pytest.raises(ValueError):
+        metrics.detection_metrics([0.1, 0.2], [1, 1])
+
+
+def test_pick_threshold_separates_separable_scores():
+    scores, labels = labels_and_scores("perfect")
+    t = metrics.pick_threshold(scores, labels)
+    assert scores[labels == 0].max() < t <= scores[labels == 1].min()
+    assert metrics.detection_metrics(scores, labels, t)["accuracy"] == 1.0
+
+
+def test_eer_interpolates_between_roc_points():
+    # one real above one fake out of two each: the ROC crosses the EER line between points
+    scores, labels = [0.1, 0.6, 0.4, 0.9], [0, 0, 1, 1]
+    assert metrics.detection_metrics(scores, labels)["eer"] == pytest.approx(0.5)
+    scores, labels = [0.1, 0.2, 0.3, 0.7, 0.4, 0.8, 0.9, 0.95], [0, 0, 0, 0, 1, 1, 1, 1]
+    assert metrics.detection_metrics(scores, labels)["eer"] == pytest.approx(0.25)
+
+
+def smooth_images(n, seed, shift=0.0):
+    """Blurred noise in [-1, 1]: natural-ish images whose statistics a shift changes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1) * 1.5
+    return (x + shift).clamp(-1, 1)
+
+
+def test_swd_same_distribution_small_shifted_large():
+    a, b = smooth_images(96, 0), smooth_images(96, 1)
+    same = metrics.sliced_wasserstein(a, b, patches_per_image=32)
+    # a difference that the per-channel normalisation cannot remove: a coarser texture
+    g = torch.Generator().manual_seed(2)
+    coarse = torch.nn.functional.interpolate(torch.randn(96, 3, 4, 4, generator=g), size=32, mode="bilinear").clamp(-1, 1)
+    shifted = metrics.sliced_wasserstein(a, coarse, patches_per_image=32)
+    assert set(same) == {"32", "16", "avg"}
+    assert same["avg"] < 0.5 * shifted["avg"]
+    assert same["32"] < 0.5 * shifted["32"] and same["16"] < 0.5 * shifted["16"]
+
+
+def test_swd_is_deterministic_for_a_seed():
+    a, b = smooth_images(32, 0), smooth_images(32, 1)
+    assert metrics.sliced_wasserstein(a, b, seed=3, patches_per_image=16) == metrics.sliced_wasserstein(a, b, seed=3, patches_per_image=16)
+
+
+def test_laplacian_pyramid_sizes():
+    x = smooth_images(4, 0)
+    levels = metrics.laplacian_pyramid(x, min_size=8)
+    assert [l.shape[-1] for l in levels] == [32, 16, 8]
+
+
+def test_frechet_distance_closed_form_gaussians():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    # diagonal covariances commute: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    a, b = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-6)
+    # a full covariance against c times itself: FD = Tr(S) (1 + c - 2 sqrt(c))
+    m = rng.normal(size=(d, d))
+    s = m @ m.T + np.eye(d)
+    c = 2.5
+    assert metrics.frechet_distance(mu1, s, mu1, c * s) == pytest.approx(np.trace(s) * (1 + c - 2 * np.sqrt(c)), rel=1e-6)
+    assert metrics.frechet_distance(mu1, s, mu1, s) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_no_inception_weights_says_where_to_get_them():
+    model, why = metrics.load_inception(None)
+    assert model is None
+    assert "skipped" in why and "weights-inception-2015-12-05" in why and "--inception-weights" in why
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A weights file of the right shape with random values: the real one is 91 MB and needs a download."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    patch = pytest.MonkeyPatch()
+    patch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+    patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    patch.undo()
+    for m in model.modules():  # He initialisation, so that features do not fade to zero through 90-odd layers
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_fid_and_kid_from_a_local_weights_file(random_inception_weights):
+    model, why = metrics.load_inception(random_inception_weights)
+    assert why is None
+    a, b = smooth_images(3, 0), smooth_images(3, 1)
+    noise = torch.rand(3, 3, 32, 32) * 2 - 1
+    fa, fb, fn = (metrics.inception_features(model, x) for x in (a, b, noise))
+    assert fa.shape == (3, 2048)
+    assert metrics.fid_kid(fa, fa)["fid"] == pytest.approx(0.0, abs=1e-3)
+    same, other = metrics.fid_kid(fa, fb), metrics.fid_kid(fa, fn)
+    assert same["fid"] < other["fid"] and same["kid_x1e3"] < other["kid_x1e3"]
+
+
+def test_a_wrong_weights_file_is_a_user_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(metrics.UserError, match="Inception-v3 2015-12-05"):
+        metrics.load_inception(str(path))
+    with pytest.raises(metrics.UserError, match="does not exist"):
+        metrics.load_inception(str(tmp_path / "missing.pth"))
