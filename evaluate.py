@@ -44,7 +44,8 @@ SEED_VALID, SEED_TEST, SEED_EPOCH = 1_000_001, 2_000_003, 3_000_017
 def load_images(dataset, n, seed=0, workers=0):
     """Up to n decodable images of a dataset, a fixed random subset -> (n, C, S, S) tensor in [-1, 1]."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    loader = DataLoader(dataset, batch_size=128, sampler=order, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=128, sampler=order, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed))  # iterating must not draw from the global RNG (the training noise)
     return torch.cat([x[ok] for x, ok in loader])
 
 

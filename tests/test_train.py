@@ -107,7 +107,7 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path, capsys, source):
         with open(p, "w") as f:
             f.write("not a jpeg")
     args = ["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--batch", "8", "--image-size", "32",
-            "--ngf", "8", "--ndf", "8", "--workers", "0", "--epochs", "1", "--logdir", str(tmp_path / "runs"),
+            "--ngf", "8", "--ndf", "8", "--workers", "0", "--epochs", "1", "--detector-steps", "0", "--logdir", str(tmp_path / "runs"),
             *[str(tmp_path / "cache") if a == "CACHE" else a for a in source]]
     assert main.main(args) == 0
     err = capsys.readouterr().err
