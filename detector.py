@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models import Discriminator, load_checkpoint, load_state, save_checkpoint
+from models import Discriminator, load_checkpoint, load_state, require, save_checkpoint
 
 DETECTOR_FORMAT = 1
 
@@ -39,8 +39,9 @@ def fake_scores(model, images):
 
 def load_detector(path, device="cpu"):
     """A run folder, checkpoint.pt or detector.pt -> (model in eval mode, threshold, kind, config)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "detector.pt")):
-        path = os.path.join(path, "detector.pt")
+    run_dir = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) == "checkpoint.pt" else None
+    if run_dir is not None and os.path.isfile(os.path.join(run_dir, "detector.pt")):
+        path = os.path.join(run_dir, "detector.pt")  # the run's fine-tuned detector, whether given the folder or its checkpoint
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     model = Discriminator(ndf=cfg["ndf"], channels=cfg["channels"], image_size=cfg["image_size"])
@@ -48,6 +49,7 @@ def load_detector(path, device="cpu"):
         load_state(model, ckpt["detector"], "detector", path)
         kind, threshold = "fine-tuned detector", float(ckpt["threshold"])
     else:
+        require(ckpt, ("D",), path, "scoring")
         load_state(model, ckpt["D"], "discriminator", path)
         kind, threshold = "raw discriminator", float(ckpt.get("threshold", 0.5))
     return model.to(device).eval(), threshold, kind, cfg

@@ -12,9 +12,12 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Call main(argv); turn a UserError into one line on stderr and exit status 2."""
+    """Call main(argv); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -369,14 +369,19 @@ def train(cfg, ckpt=None):
     # held-out images for the per-epoch SWD and raw-D AUC, decoded once
     valid_real = evaluate.load_images(data.build_dataset(cfg["dataset"], cfg["data_root"], "valid", cfg["image_size"], cfg["synthetic_size"]),
                                       cfg.get("eval_images", 1000), cfg["seed"], cfg["workers"]) if is_main else None
+    if is_main and len(valid_real) < 2:
+        raise UserError(f"the valid split has {len(valid_real)} decodable images; the per-epoch evaluation needs at least 2, so add images")
     if ckpt is None and is_main:
         writer.add_text("config", "```\n" + json.dumps(cfg, indent=2) + "\n```")
+        if cfg["dataset"] == "synthetic":
+            writer.add_text("data", "drawn cartoon faces (--dataset synthetic): a demo set, not CelebA")
         for summary in hparams({k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
                                {"loss/D": 0, "loss/G": 0}):
             writer._get_file_writer().add_summary(summary)
 
     def checkpoint(last):
-        check_finite(last, step, run_dir)  # never overwrite the last good checkpoint with a diverged model
+        if last is not None:
+            check_finite(last, step, run_dir)  # never overwrite the last good checkpoint with a diverged model
         save_checkpoint({
             "config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
             "epoch": epoch, "done_in_epoch": done_in_epoch, "step": step, "fixed_noise": fixed_noise.cpu(),
@@ -386,8 +391,10 @@ def train(cfg, ckpt=None):
 
     # Ctrl-C finishes the step in flight, writes a checkpoint and stops; a second Ctrl-C stops at once.
     # Not under torchrun: processes would stop after different steps and wait on each other forever.
-    interrupted = []
+    interrupted, main_pid = [], os.getpid()
     def on_sigint(signum, frame):
+        if os.getpid() != main_pid:  # a DataLoader worker inherited this handler: the main process speaks for all
+            return
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(True)
@@ -439,11 +446,16 @@ def train(cfg, ckpt=None):
                     evaluate.save_snapshot(G, cfg, epoch, step, run_dir)  # fakes from earlier generators for the detector
                     for k, v in evaluate.epoch_metrics(G, D, valid_real, cfg, device, epoch).items():
                         writer.add_scalar(k, v, step)
-            if last is not None and is_main:
+            if is_main and (last is not None or not stop):  # a step was taken, or at least an epoch's end reached
                 checkpoint(last)
         if is_main and not stop and epoch >= cfg["epochs"] and cfg.get("detector_steps", 0) > 0:
-            # the GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json)
-            evaluate.evaluate_run(cfg, G, D, run_dir, step=step, epoch=epoch, detector_steps=cfg["detector_steps"],
+            # the GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json).
+            # Its checkpoint is written, so from here Ctrl-C simply stops; evaluate.py can redo this part.
+            signal.signal(signal.SIGINT, previous_handler)
+            # plain copies: with --sync-bn the networks' BatchNorm would wait for ranks that have finished
+            G_eval, D_eval = build_models(cfg)
+            G_eval.load_state_dict(G.state_dict()), D_eval.load_state_dict(D.state_dict())
+            evaluate.evaluate_run(cfg, G_eval.to(device), D_eval.to(device), run_dir, step=step, epoch=epoch, detector_steps=cfg["detector_steps"],
                                   eval_images=cfg.get("eval_images", 1000), inception_weights=cfg.get("inception_weights"),
                                   detector_data=cfg.get("detector_data"), device=device, writer=writer)
     finally:
@@ -464,7 +476,16 @@ def check_finite(stats, step, run_dir):
     bad = {k: v.item() for k, v in stats.items() if not torch.isfinite(v).all()}
     if bad:
         raise UserError(f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-                        f"the last good checkpoint in {run_dir} is kept. Resume from it with a lower --lr or another --seed")
+                        f"nothing was saved after it, so {run_dir} keeps the last good checkpoint if an epoch had finished. "
+                        "Start a new run with a lower --lr or another --seed")
+
+
+def check_paths(cfg):
+    """Files the run needs only at its end must exist at its start."""
+    if cfg["inception_weights"] and not os.path.isfile(cfg["inception_weights"]):
+        raise UserError(f"--inception-weights {cfg['inception_weights']} is not a file; give the path of weights-inception-2015-12-05-6726825d.pth or leave the flag out")
+    if cfg["detector_data"] and not all(os.path.isdir(os.path.join(cfg["detector_data"], c)) for c in ("real", "fake")):
+        raise UserError(f"--detector-data {cfg['detector_data']} needs two subfolders, real/ and fake/, of face images")
 
 
 def make_config(argv=None):
@@ -473,6 +494,7 @@ def make_config(argv=None):
     args = parser.parse_args(argv)
     cfg = vars(args)
     cfg["channels"] = 3
+    check_paths(cfg)  # now, not after hours of training
     if args.resume is None:
         cfg["run_dir"] = new_run_dir(args.logdir, args.run_name, cfg)
         return cfg, None
@@ -482,6 +504,12 @@ def make_config(argv=None):
         if key in explicit and cfg[key] != ckpt["config"][key]:
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} {cfg[key]} differs from the checkpoint's {ckpt['config'][key]}; the model's shape comes from the checkpoint, so leave {flag} out")
+    fixed = sorted(k for k in explicit - set(RESUME_OVERRIDES) - set(SHAPE_KEYS) - {"resume", "max_steps"}
+                   if cfg[k] != ckpt["config"].get(k))
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise UserError(f"{flags} cannot change when resuming (the run continues as it started); "
+                        f"start a new run instead, or leave {'it' if len(fixed) == 1 else 'them'} out")
     resumed = dict(ckpt["config"])
     resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit or k not in resumed})  # new flags: today's defaults
     resumed["max_steps"] = cfg["max_steps"]  # a stop for one invocation: resuming a --max-steps run continues it

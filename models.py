@@ -103,7 +103,10 @@ def save_checkpoint(state, path):
     """Write to a temporary file and rename it, so a crash mid-write never destroys the last good one."""
     state = {"format": CHECKPOINT_FORMAT, **state}
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, or a power cut could publish an empty file
     os.replace(tmp, path)
 
 
@@ -145,8 +148,17 @@ def load_state(module, state, what, path):
         raise UserError(f"the {what} in {path} does not fit the model built from its config: {detail[:300]}") from None
 
 
+def require(ckpt, keys, path, use):
+    """Say in one sentence when a checkpoint-format file (a snapshot, detector.pt) lacks what a command needs."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} holds no {' or '.join(missing)} (it has {', '.join(sorted(k for k in ckpt if k != 'format'))}); "
+                        f"{use} needs a run folder or its checkpoint.pt")
+
+
 def models_from_checkpoint(ckpt, path, device="cpu"):
     """Rebuild G and D with the checkpoint's shape and load their weights."""
+    require(ckpt, ("G", "D"), path, "this command")
     G, D = build_models(ckpt["config"])
     load_state(G, ckpt["G"], "generator", path)
     load_state(D, ckpt["D"], "discriminator", path)

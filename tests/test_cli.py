@@ -100,3 +100,9 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
     assert 0 < ckpt["step"] == ckpt["done_in_epoch"] and ckpt["epoch"] == 0
     cfg, loaded = main.make_config(["--resume", str(tmp_path / "r"), "--max-steps", str(ckpt["step"] + 1)])
     assert main.train(cfg, loaded)["step"] == ckpt["step"] + 1
+
+
+def test_sampling_a_file_without_a_generator_and_discriminator_says_so(tmp_path):
+    main.main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
+    snapshot = next((tmp_path / "r" / "snapshots").iterdir())
+    assert_one_clear_line(run("sample.py", str(snapshot)), "holds no D", "needs a run folder")

@@ -93,3 +93,15 @@ def test_spectrum_baseline_catches_upsampling_artefacts():
     scores = np.r_[detector.spectrum_scores(model, real[64:]), detector.spectrum_scores(model, upsampled(32))]
     assert metrics.detection_metrics(scores, np.r_[np.zeros(32), np.ones(32)])["auc"] > 0.9
     assert detector.spectrum_features(real[:4]).shape[0] == 4
+
+
+def test_a_runs_checkpoint_brings_its_fine_tuned_detector_along(tmp_path):
+    from main import main as train_main
+    from helpers import train_args
+    train_main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
+    run = tmp_path / "r"
+    assert detector.load_detector(str(run / "checkpoint.pt"))[2] == "raw discriminator"
+    model, threshold, kind, cfg = detector.load_detector(str(run))
+    detector.save_detector(str(run / "detector.pt"), model, 0.7, cfg)
+    for path in (run, run / "checkpoint.pt", run / "detector.pt"):
+        assert detector.load_detector(str(path))[1:3] == (0.7, "fine-tuned detector")

@@ -116,3 +116,32 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path, capsys, source):
     for p in in_train:
         assert f"skipped {p}" in err
     assert f"{len(in_train)} images could not be decoded" in err
+
+
+def test_resume_refuses_flags_that_cannot_change(tmp_path):
+    _, run_dir = run_to_end(tmp_path, "--run-name", "r", "--max-steps", "1")
+    with pytest.raises(UserError, match="--lr cannot change when resuming"):
+        main.make_config(train_args(tmp_path, "--resume", run_dir, "--lr", "1e-5"))
+
+
+def test_an_epochs_end_reached_on_resume_without_a_step_is_checkpointed(tmp_path):
+    _, run_dir = run_to_end(tmp_path, "--run-name", "r", "--max-steps", "4")  # 4 steps an epoch: stops on the boundary
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (ckpt["epoch"], ckpt["done_in_epoch"]) == (0, 4)
+    cfg, ckpt = main.make_config(train_args(tmp_path, "--resume", run_dir, "--epochs", "1"))
+    main.train(cfg, ckpt)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (ckpt["epoch"], ckpt["done_in_epoch"], ckpt["step"]) == (1, 0, 4)
+
+
+def test_paths_needed_at_the_end_are_checked_at_the_start(tmp_path):
+    with pytest.raises(UserError, match="needs two subfolders, real/ and fake/"):
+        main.make_config(train_args(tmp_path, "--detector-data", str(tmp_path)))
+    with pytest.raises(UserError, match="--inception-weights .* is not a file"):
+        main.make_config(train_args(tmp_path, "--inception-weights", str(tmp_path / "missing.pth")))
+    assert not os.listdir(tmp_path)  # and no run folder was made
+
+
+def test_a_tiny_validation_split_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="the valid split has 1 decodable images"):
+        run_to_end(tmp_path, "--synthetic-size", "16", "--batch", "8")
