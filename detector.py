@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models import Discriminator, load_checkpoint, load_state, require, save_checkpoint
+from models import Discriminator, draw_samples, load_checkpoint, load_state, require, save_checkpoint
 
 DETECTOR_FORMAT = 1
 
@@ -137,13 +137,8 @@ def jpeg(images, quality):
 
 @torch.no_grad()
 def sample(G, n, nz, device, generator=None):
-    """n fakes from G in eval mode (BatchNorm running statistics), as a deployed generator draws them."""
-    was_training = G.training
-    G.eval()
-    z = torch.randn(n, nz, generator=generator).to(device)
-    images = G(z).float()
-    G.train(was_training)
-    return images
+    """n fakes from G in eval mode, from noise drawn with generator (the global RNG if None)."""
+    return draw_samples(G, torch.randn(n, nz, generator=generator).to(device)).float()
 
 
 def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=1e-4, extra_batches=None, log=None, log_every=50):

@@ -34,7 +34,7 @@ import cache
 import data
 import evaluate
 from errors import UserError, run_cli
-from models import IMAGE_SIZES, SHAPE_KEYS, build_models, load_checkpoint, load_state, save_checkpoint
+from models import IMAGE_SIZES, SHAPE_KEYS, build_models, draw_samples, load_checkpoint, load_state, save_checkpoint
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
@@ -214,16 +214,6 @@ def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, sc
 
 
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # scale, step and update pass straight through
-
-
-@torch.no_grad()
-def draw_samples(G, z):
-    """G(z) in eval mode (BatchNorm running statistics), so sampling never changes the model."""
-    was_training = G.training
-    G.eval()
-    images = G(z)
-    G.train(was_training)
-    return images
 
 
 def write_grid(G, z, path, writer=None, step=0):

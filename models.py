@@ -79,6 +79,16 @@ class Discriminator(nn.Module):
         return self.main(x).flatten()
 
 
+@torch.no_grad()
+def draw_samples(G, z):
+    """G(z) in eval mode (BatchNorm running statistics), as a deployed generator draws; sampling never changes G."""
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    return images
+
+
 def init_weights(module):
     """The paper's initialisation: conv weights from N(0, 0.02), BatchNorm scales from N(1, 0.02)."""
     for m in module.modules():

@@ -13,8 +13,8 @@ import torch
 from torchvision.utils import save_image
 
 from errors import run_cli
-from main import ArgumentParser, at_least, draw_samples, pick_device
-from models import load_checkpoint, models_from_checkpoint
+from main import ArgumentParser, at_least, pick_device
+from models import draw_samples, load_checkpoint, models_from_checkpoint
 
 
 def get_args_parser():
