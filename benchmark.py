@@ -1,7 +1,7 @@
 """Measure this project against a baseline, in one run, on the same data, and print the ratios.
 
-    python benchmark.py train --data ../shared/data/celeba-crops     # the PyTorch DCGAN tutorial's pipeline vs ours
-    python benchmark.py video ../shared/data/videos/real/ffpp_youtube_004.mp4   # detect.py on a 720p video
+    python benchmark.py train --data data/celeba/img_align_celeba   # the PyTorch DCGAN tutorial's pipeline vs ours
+    python benchmark.py video clip_720p.mp4                          # detect.py on a 720p video
 
 `train` times, on the same folder of JPEGs, the same DCGAN and the same batch:
   - the tutorial's pipeline: torchvision ImageFolder + a DataLoader with 2 workers that
@@ -239,7 +239,7 @@ def decode_ours(path, frames):
 def bench_video(args):
     path = args.video
     if not os.path.isfile(path):
-        raise UserError(f"{path} is not a file; give a video, e.g. ../shared/data/videos/real/ffpp_youtube_004.mp4")
+        raise UserError(f"{path} is not a file; give a video file, ideally 720p with a face in view")
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         model, threshold, kind, cfg = load_detector(args.checkpoint)
@@ -286,7 +286,7 @@ def get_args_parser():
 
     t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", default="../shared/data/celeba-crops", help="a folder of JPEGs (searched recursively)")
+    t.add_argument("--data", required=True, help="a folder of JPEGs, searched recursively (e.g. CelebA's img_align_celeba)")
     t.add_argument("--image-size", type=main.image_size, default=64, help="image side")
     t.add_argument("--batch", type=main.at_least(2), default=128, help="images per step, both pipelines")
     t.add_argument("--ngf", type=main.at_least(1), default=64, help="generator width")
@@ -305,7 +305,7 @@ def get_args_parser():
 
     v = sub.add_parser("video", help="detect.py on one video: decoding against two baselines, then the whole pipeline",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    v.add_argument("video", help="a video file, e.g. ../shared/data/videos/real/ffpp_youtube_004.mp4 (720p)")
+    v.add_argument("video", help="a video file (the README's numbers are for a 1280x720 clip with one face)")
     v.add_argument("--checkpoint", default=None, help="a run folder or checkpoint (default: an untrained 64x64 discriminator)")
     v.add_argument("--frames", type=main.at_least(1), default=32, help="frames sampled from the video")
     v.add_argument("--detect-size", type=main.at_least(64), default=320, help="as in detect.py")
