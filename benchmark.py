@@ -71,10 +71,7 @@ def endless(make_epoch):
 def bench_train(args):
     device = main.pick_device(args.device)
     precision, amp_dtype = main.pick_precision(args.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    main.use_fast_cuda_kernels(device)  # as training does, for both pipelines
     files = data.list_images(args.data) if os.path.isdir(args.data) else []
     if len(files) < 2 * args.batch:
         raise UserError(f"--data {args.data} needs at least {2 * args.batch} images (found {len(files)}); point it at a folder of JPEGs")

@@ -264,6 +264,13 @@ def open_image_cache(dataset, cfg, rank):
     return cached
 
 
+def use_fast_cuda_kernels(device):
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: find the fastest convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 work; GAN training does not need fp32's last bits
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def pick_precision(name, device):
     """--precision -> None (fp32) or the autocast dtype; bf16 where the GPU has it, fp16 only on CUDA."""
     if name == "auto":
@@ -291,10 +298,7 @@ def train(cfg, ckpt=None):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
     if cfg["batch"] % world:
         raise UserError(f"--batch {cfg['batch']} is the global batch and must split evenly over {world} processes")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every step has the same shapes: find the fastest convolutions once
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 work; GAN training does not need fp32's last bits
-        torch.backends.cudnn.allow_tf32 = True
+    use_fast_cuda_kernels(device)
     precision, amp_dtype = pick_precision(cfg["precision"], device)
     if cfg["sync_bn"] and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
