@@ -49,12 +49,15 @@ def load_images(dataset, n, seed=0, workers=0):
     return torch.cat([x[ok] for x, ok in loader])
 
 
-def endless_batches(dataset, batch, workers, seed=0):
-    """Random batches of decodable images, forever (sampling with replacement)."""
+def endless(dataset, batch, workers, seed=0, at_least=1):
+    """Random batches forever (sampling with replacement), the undecodable items dropped: (tensor, ...) per batch.
+
+    The dataset yields (..., ok); a batch is passed over when fewer than at_least items decode.
+    """
     sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 30, generator=torch.Generator().manual_seed(seed))
-    for x, ok in DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True):
-        if ok.sum() > 1:
-            yield x[ok]
+    for *tensors, ok in DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True):
+        if ok.sum() >= at_least:
+            yield tuple(t[ok] for t in tensors)
 
 
 def fakes(G, n, nz, device, seed):
@@ -84,13 +87,6 @@ class LabelledFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x, ok = self.images[i]
         return x, self.items[i][1], ok
-
-
-def endless_labelled(dataset, batch, workers, seed=0):
-    sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 30, generator=torch.Generator().manual_seed(seed))
-    for x, y, ok in DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True):
-        if ok.any():
-            yield x[ok], y[ok]
 
 
 # -----------------------------------------------------------------------------
@@ -139,11 +135,12 @@ def epoch_metrics(G, D, valid_real, cfg, device, epoch):
 def build_detector(cfg, G, D, snapshots, *, steps, device, detector_data=None, log=print):
     """Fine-tune a copy of D against G and its snapshots; returns the detector in eval mode."""
     train_set = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["synthetic_size"])
-    real_batches = endless_batches(train_set, DETECTOR_BATCH, cfg.get("workers", 0), seed=cfg["seed"])
+    # two decodable images at least: the detector's BatchNorm trains on the batch
+    real_batches = (x for (x,) in endless(train_set, DETECTOR_BATCH, cfg.get("workers", 0), seed=cfg["seed"], at_least=2))
     extra = None
     if detector_data:
-        extra = endless_labelled(LabelledFolder(detector_data, "train", cfg["image_size"]), DETECTOR_BATCH // 2,
-                                 cfg.get("workers", 0), seed=cfg["seed"])
+        extra = endless(LabelledFolder(detector_data, "train", cfg["image_size"]), DETECTOR_BATCH // 2,
+                        cfg.get("workers", 0), seed=cfg["seed"])
     log(f"fine-tuning the detector for {steps} steps: {DETECTOR_BATCH} real + {DETECTOR_BATCH} fake images a step, "
         f"fakes from the final G and {len(snapshots)} snapshots" + (f", plus {detector_data}" if detector_data else ""))
     return detector.fine_tune(D, [G] + snapshots, real_batches, steps=steps, nz=cfg["nz"], device=device,
