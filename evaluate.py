@@ -132,9 +132,8 @@ def epoch_metrics(G, D, valid_real, cfg, device, epoch):
 # -----------------------------------------------------------------------------
 # after training: fine-tune, pick the threshold, report on the test split
 
-def build_detector(cfg, G, D, snapshots, *, steps, device, detector_data=None, log=print):
-    """Fine-tune a copy of D against G and its snapshots; returns the detector in eval mode."""
-    train_set = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["synthetic_size"])
+def build_detector(cfg, G, D, snapshots, train_set, *, steps, device, detector_data=None, log=print):
+    """Fine-tune a copy of D against G and its snapshots on train_set's real images; returns the detector in eval mode."""
     # two decodable images at least: the detector's BatchNorm trains on the batch
     real_batches = (x for (x,) in endless(train_set, DETECTOR_BATCH, cfg.get("workers", 0), seed=cfg["seed"], at_least=2))
     extra = None
@@ -166,6 +165,7 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
     split = lambda name: data.build_dataset(cfg["dataset"], cfg["data_root"], name, size, cfg["synthetic_size"])
     valid_real = load_images(split("valid"), eval_images, cfg["seed"], workers)
     test_real = load_images(split("test"), eval_images, cfg["seed"], workers)
+    train_set = split("train")  # listed once: the detector and the baseline both train on it
     valid_fake = fakes(G, len(valid_real), nz, device, cfg["seed"] + SEED_VALID)
     test_fake = fakes(G, len(test_real), nz, device, cfg["seed"] + SEED_TEST)
     snapshots = load_snapshots(run_dir, cfg, device, exclude_epoch=epoch)
@@ -185,7 +185,7 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
     valid_y = np.r_[valid_y, valid_y]
     if detector_steps > 0:
         torch.manual_seed(cfg["seed"])
-        det = build_detector(cfg, G, D, snapshots, steps=detector_steps, device=device, detector_data=detector_data, log=log)
+        det = build_detector(cfg, G, D, snapshots, train_set, steps=detector_steps, device=device, detector_data=detector_data, log=log)
         threshold = metrics.pick_threshold(detector.score_images(det, valid_x, device), valid_y)
         detector.save_detector(det_path, det, threshold, cfg, kind="fine-tuned", steps=detector_steps, gan_step=step,
                                snapshots=len(snapshots), detector_data=detector_data or "")
@@ -198,8 +198,8 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
 
     # the baseline, trained on the same kind of data as the detector
     torch.manual_seed(cfg["seed"])
-    n_spec = min(SPECTRUM_TRAIN_IMAGES, len(split("train")))
-    spec_real = detector.augment(load_images(split("train"), n_spec, cfg["seed"], workers), detector.frame_augment(size))
+    n_spec = min(SPECTRUM_TRAIN_IMAGES, len(train_set))
+    spec_real = detector.augment(load_images(train_set, n_spec, cfg["seed"], workers), detector.frame_augment(size))
     gens = [G] + snapshots
     spec_fake = torch.cat([fakes(g, max(1, n_spec // len(gens)), nz, device, cfg["seed"] + 7 + i) for i, g in enumerate(gens)])
     spec_fake = detector.augment(spec_fake, detector.frame_augment(size))
