@@ -30,7 +30,7 @@ import data
 import detector
 import metrics
 from errors import UserError, run_cli
-from models import Generator, load_checkpoint, load_state, models_from_checkpoint, save_checkpoint
+from models import Generator, load_checkpoint, load_state, models_from_checkpoint, resolve_checkpoint, save_checkpoint
 
 DETECTOR_BATCH = 64  # real images per fine-tuning step, plus as many fakes
 SPECTRUM_TRAIN_IMAGES = 2000  # per class, for the baseline's logistic regression
@@ -294,7 +294,7 @@ def main(argv=None):
     from main import pick_device
     args = get_args_parser().parse_args(argv)
     ckpt = load_checkpoint(args.run)
-    path = args.run if os.path.isfile(args.run) else os.path.join(args.run, "checkpoint.pt")
+    path = resolve_checkpoint(args.run)
     run_dir = os.path.dirname(os.path.abspath(path))
     cfg = dict(ckpt["config"])
     for key in ("dataset", "data_root", "workers"):

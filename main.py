@@ -34,7 +34,8 @@ import cache
 import data
 import evaluate
 from errors import UserError, run_cli
-from models import IMAGE_SIZES, SHAPE_KEYS, build_models, draw_samples, load_checkpoint, load_state, save_checkpoint
+from models import (IMAGE_SIZES, SHAPE_KEYS, build_models, draw_samples, load_checkpoint, load_state, resolve_checkpoint,
+                    save_checkpoint)
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
@@ -508,7 +509,7 @@ def make_config(argv=None):
     resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit or k not in resumed})  # new flags: today's defaults
     resumed["max_steps"] = cfg["max_steps"]  # a stop for one invocation: resuming a --max-steps run continues it
     resumed["resume"] = args.resume
-    resumed["run_dir"] = os.path.dirname(os.path.abspath(args.resume if os.path.isfile(args.resume) else os.path.join(args.resume, "checkpoint.pt")))
+    resumed["run_dir"] = os.path.dirname(os.path.abspath(resolve_checkpoint(args.resume)))
     return resumed, ckpt
 
 
