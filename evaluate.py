@@ -66,15 +66,20 @@ def fakes(G, n, nz, device, seed):
     return torch.cat([detector.quantize(detector.sample(G, min(256, n - i), nz, device, g)) for i in range(0, n, 256)])
 
 
+def check_detector_data(root):
+    missing = [c for c in ("real", "fake") if not os.path.isdir(os.path.join(root, c))]
+    if missing:
+        raise UserError(f"--detector-data {root} needs two subfolders, real/ and fake/, of face images (it has no {' or '.join(missing)}/)")
+
+
 class LabelledFolder(torch.utils.data.Dataset):
     """--detector-data DIR: DIR/real/** and DIR/fake/** -> (image, label 1 = real, ok), one split of them."""
 
     def __init__(self, root, split, image_size):
         self.items = []
+        check_detector_data(root)
         for name, label in (("real", 1), ("fake", 0)):
             folder = os.path.join(root, name)
-            if not os.path.isdir(folder):
-                raise UserError(f"--detector-data {root} has no {name}/ folder; it needs real/ and fake/ subfolders of face images")
             files = data.list_images(folder)
             if not files:
                 raise UserError(f"--detector-data: no images (jpg, png, webp, bmp) under {folder}")

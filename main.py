@@ -33,6 +33,7 @@ from tqdm import tqdm
 import cache
 import data
 import evaluate
+import metrics
 from errors import UserError, run_cli
 from models import (IMAGE_SIZES, SHAPE_KEYS, build_models, draw_samples, load_checkpoint, load_state, resolve_checkpoint,
                     save_checkpoint)
@@ -477,10 +478,10 @@ def check_finite(stats, step, run_dir):
 
 def check_paths(cfg):
     """Files the run needs only at its end must exist at its start."""
-    if cfg["inception_weights"] and not os.path.isfile(cfg["inception_weights"]):
-        raise UserError(f"--inception-weights {cfg['inception_weights']} is not a file; give the path of weights-inception-2015-12-05-6726825d.pth or leave the flag out")
-    if cfg["detector_data"] and not all(os.path.isdir(os.path.join(cfg["detector_data"], c)) for c in ("real", "fake")):
-        raise UserError(f"--detector-data {cfg['detector_data']} needs two subfolders, real/ and fake/, of face images")
+    if cfg["inception_weights"]:
+        metrics.check_inception_weights(cfg["inception_weights"])
+    if cfg["detector_data"]:
+        evaluate.check_detector_data(cfg["detector_data"])
 
 
 def make_config(argv=None):

@@ -161,12 +161,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID]
 
 
+def check_inception_weights(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--inception-weights {path} does not exist or is not a file; {INCEPTION_HELP}")
+
+
 def load_inception(path):
     """The Inception-v3 feature extractor from a local weights file, or (None, why) when there is none."""
     if not path:
         return None, f"FID/KID skipped: no --inception-weights; {INCEPTION_HELP}"
-    if not os.path.isfile(path):
-        raise UserError(f"--inception-weights {path} does not exist; {INCEPTION_HELP}")
+    check_inception_weights(path)
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
