@@ -116,10 +116,6 @@ class FrameAugment:
         return im
 
 
-def frame_augment(image_size):
-    return FrameAugment(image_size)
-
-
 def augment(images, transform):
     """Apply a per-image PIL transform to a batch in [-1, 1]; returns 8-bit-valued floats on the same device."""
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
@@ -154,7 +150,7 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
     """
     det = copy.deepcopy(D).to(device).train().requires_grad_(True)
     opt = torch.optim.Adam(det.parameters(), lr=lr, betas=(0.5, 0.999))
-    transform = frame_augment(image_size)
+    transform = FrameAugment(image_size)
     t0 = time.time()
     for step in range(1, steps + 1):
         x, y = _mixed_batch(generators, real_batches, extra_batches, nz, device)

@@ -157,7 +157,7 @@ def with_frame_augment(images, image_size, seed):
     """A fixed, seeded draw of the training augmentations, for validation."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
-    out = detector.augment(images, detector.frame_augment(image_size))
+    out = detector.augment(images, detector.FrameAugment(image_size))
     torch.set_rng_state(state)
     return out
 
@@ -204,10 +204,10 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
     # the baseline, trained on the same kind of data as the detector
     torch.manual_seed(cfg["seed"])
     n_spec = min(SPECTRUM_TRAIN_IMAGES, len(train_set))
-    spec_real = detector.augment(load_images(train_set, n_spec, cfg["seed"], workers), detector.frame_augment(size))
+    spec_real = detector.augment(load_images(train_set, n_spec, cfg["seed"], workers), detector.FrameAugment(size))
     gens = [G] + snapshots
     spec_fake = torch.cat([fakes(g, max(1, n_spec // len(gens)), nz, device, cfg["seed"] + 7 + i) for i, g in enumerate(gens)])
-    spec_fake = detector.augment(spec_fake, detector.frame_augment(size))
+    spec_fake = detector.augment(spec_fake, detector.FrameAugment(size))
     spectrum = detector.fit_spectrum_baseline(spec_real, spec_fake, seed=cfg["seed"])
     spec_threshold = metrics.pick_threshold(detector.spectrum_scores(spectrum, valid_x), valid_y)
     report["protocol"]["spectrum_baseline"] = f"logistic regression on {len(spec_real)} + {len(spec_fake)} augmented train-split images"

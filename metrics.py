@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from detector import to_uint8
 from errors import UserError
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -189,7 +190,7 @@ def inception_features(model, images, batch=50):
     """images (N, 3, S, S) in [-1, 1] -> (N, 2048) pool features; the network resizes to 299 itself."""
     feats = []
     for chunk in images.split(batch):
-        x = ((chunk.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # the 8-bit images it was made for
+        x = to_uint8(chunk)  # the 8-bit images it was made for
         feats.append(model(x)[0])
     return torch.cat(feats).double()
 

@@ -75,7 +75,7 @@ def test_a_face_scores_the_same_alone_and_in_a_batch():
 def test_frame_augmentations_keep_shape_and_range_and_jpeg_changes_pixels():
     faces = drawn_faces(8, 0)
     torch.manual_seed(0)
-    out = detector.augment(faces, detector.frame_augment(32))
+    out = detector.augment(faces, detector.FrameAugment(32))
     assert out.shape == faces.shape and out.min() >= -1 and out.max() <= 1
     j = detector.jpeg(faces, 50)
     assert j.shape == faces.shape and 0 < (j - detector.quantize(faces)).abs().mean() < 0.1
