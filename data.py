@@ -103,12 +103,12 @@ class ImageFiles(Dataset):
             return torch.zeros(3, self.image_size, self.image_size), False
 
 
-def list_images(root):
-    """Every image file below root, recursively, in a fixed order."""
+def list_images(root, extensions=IMAGE_EXTENSIONS):
+    """Every file below root whose name ends in one of extensions (images by default), recursively, in a fixed order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(extensions)]
     return found
 
 

@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 import av
-from data import preprocess
+from data import IMAGE_EXTENSIONS, list_images, preprocess
 from detector import fake_scores, load_detector
 from errors import UserError, run_cli
-from faces import FaceFinder, face_crops, media_kind, open_video, read_image
+from faces import VIDEO_EXTENSIONS, FaceFinder, face_crops, media_kind, open_video, read_image
 from main import ArgumentParser, at_least, pick_device
 
 NO_FACE = "no face"
@@ -82,9 +82,7 @@ def list_inputs(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-                dirnames.sort()
-                found += [(os.path.join(dirpath, f), media_kind(f), None) for f in sorted(filenames) if media_kind(f)]
+            found += [(f, media_kind(f), None) for f in list_images(path, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)]
         elif not os.path.exists(path):
             found.append((path, None, "does not exist"))
         elif media_kind(path) is None:
