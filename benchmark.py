@@ -35,12 +35,13 @@ from torchvision.datasets import ImageFolder
 
 import cache
 import data
-import detect
-import main
-from errors import UserError, run_cli
-from detector import load_detector
-from faces import FaceFinder, open_video, sample_indices
-from models import Discriminator, build_models
+from checkpoint import load_detector
+from cli import (PRECISIONS, ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, pick_precision, run_cli,
+                 use_fast_cuda_kernels)
+from detector import score_input
+from faces import FaceFinder
+from models import IMAGE_SIZES, Discriminator, build_models, train_step
+from video import open_video, sample_indices
 
 
 def number(value):
@@ -69,9 +70,9 @@ def endless(make_epoch):
 
 
 def bench_train(args):
-    device = main.pick_device(args.device)
-    precision, amp_dtype = main.pick_precision(args.precision, device)
-    main.use_fast_cuda_kernels(device)  # as training does, for both pipelines
+    device = pick_device(args.device)
+    precision, amp_dtype = pick_precision(args.precision, device)
+    use_fast_cuda_kernels(device)  # as training does, for both pipelines
     files = data.list_images(args.data) if os.path.isdir(args.data) else []
     if len(files) < 2 * args.batch:
         raise UserError(f"--data {args.data} needs at least {2 * args.batch} images (found {len(files)}); point it at a folder of JPEGs")
@@ -92,7 +93,7 @@ def bench_train(args):
         steps_per_epoch = n // args.batch
 
         def ours_epoch(epoch):
-            return cache.batches(store, main.epoch_order(n, args.seed, epoch), 0, steps_per_epoch, args.batch, 0, 1, device)
+            return cache.batches(store, data.epoch_order(n, args.seed, epoch), 0, steps_per_epoch, args.batch, 0, 1, device)
 
         os.mkdir(os.path.join(scratch, "imagefolder"))
         loader = tutorial_loader(args.data, args.image_size, args.batch, args.workers, args.seed, os.path.join(scratch, "imagefolder"))
@@ -127,8 +128,8 @@ def bench_train(args):
         autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         runs = {
-            "tutorial": (endless(tutorial_epoch), lambda real: main.train_step(G_t, D_t, *opt_t, real, cfg["nz"])),
-            "ours": (endless(ours_epoch), lambda real: main.train_step(G_o, D_o, *opt_o, real, cfg["nz"], autocast, scaler)),
+            "tutorial": (endless(tutorial_epoch), lambda real: train_step(G_t, D_t, *opt_t, real, cfg["nz"])),
+            "ours": (endless(ours_epoch), lambda real: train_step(G_o, D_o, *opt_o, real, cfg["nz"], autocast, scaler)),
         }
         seconds = {name: 0.0 for name in runs}
         for r in range(args.rounds):
@@ -149,7 +150,7 @@ def bench_train(args):
     G, D = (m.to(device) for m in build_models(cfg))
     opts = [torch.optim.Adam(m.parameters()) for m in (G, D)]
     with FlopCounterMode(display=False) as counter:
-        main.train_step(G, D, *opts, torch.randn(args.batch, 3, args.image_size, args.image_size, device=device), cfg["nz"])
+        train_step(G, D, *opts, torch.randn(args.batch, 3, args.image_size, args.image_size, device=device), cfg["nz"])
     flops_per_image = counter.get_total_flops() / args.batch
 
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -239,8 +240,8 @@ def bench_video(args):
         raise UserError(f"{path} is not a file; give a video file, ideally 720p with a face in view")
     torch.set_num_threads(args.threads)
     if args.checkpoint:
-        model, threshold, kind, cfg = load_detector(args.checkpoint)
-        image_size = cfg["image_size"]
+        model, threshold, kind, info = load_detector(args.checkpoint)
+        image_size = info["image_size"]
     else:  # the time does not depend on the weights, only on the network's size
         image_size, threshold, kind = 64, 0.5, "untrained 64x64 discriminator (ndf 64)"
         model = Discriminator(ndf=64, channels=3, image_size=image_size).eval()
@@ -262,7 +263,7 @@ def bench_video(args):
 
     # the whole pipeline, as detect.py runs it on one video (the model is already loaded)
     finder = FaceFinder(detect_size=args.detect_size, max_faces=args.max_faces)
-    run = lambda frames, every: detect.score_input(path, "video", model, "cpu", image_size, finder, threshold, frames, every)
+    run = lambda frames, every: score_input(path, "video", model, "cpu", image_size, finder, threshold, frames, every)
     t_video, c_video, result = timed(lambda: run(args.frames, None), args.repeat)
     verdict = f"{result['frames_with_face']} with a face, score {result['score']:.3f}" if result["score"] is not None else "no face"
     print(f"detect {len(indices)} frames (decode, find faces at {args.detect_size} px, score): {t_video:.2f} s wall, {c_video:.2f} s CPU "
@@ -278,24 +279,24 @@ def bench_video(args):
 # -----------------------------------------------------------------------------
 
 def get_args_parser():
-    p = main.ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
+    p = ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--data", required=True, help="a folder of JPEGs, searched recursively (e.g. CelebA's img_align_celeba)")
-    t.add_argument("--image-size", type=main.image_size, default=64, help="image side")
-    t.add_argument("--batch", type=main.at_least(2), default=128, help="images per step, both pipelines")
-    t.add_argument("--ngf", type=main.at_least(1), default=64, help="generator width")
-    t.add_argument("--ndf", type=main.at_least(1), default=64, help="discriminator width")
-    t.add_argument("--steps", type=main.at_least(1), default=5, help="timed training steps per pipeline per round")
-    t.add_argument("--rounds", type=main.at_least(1), default=2, help="rounds of tutorial-then-ours")
-    t.add_argument("--warmup", type=main.at_least(1), default=1, help="untimed steps before each timed run")
-    t.add_argument("--input-batches", type=main.at_least(1), default=40, help="batches timed for the input pipeline alone")
-    t.add_argument("--workers", type=main.at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
-    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="ours; the tutorial is fp32")
+    t.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
+    t.add_argument("--batch", type=at_least(2), default=128, help="images per step, both pipelines")
+    t.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
+    t.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width")
+    t.add_argument("--steps", type=at_least(1), default=5, help="timed training steps per pipeline per round")
+    t.add_argument("--rounds", type=at_least(1), default=2, help="rounds of tutorial-then-ours")
+    t.add_argument("--warmup", type=at_least(1), default=1, help="untimed steps before each timed run")
+    t.add_argument("--input-batches", type=at_least(1), default=40, help="batches timed for the input pipeline alone")
+    t.add_argument("--workers", type=at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto", help="ours; the tutorial is fp32")
     t.add_argument("--compile", action="store_true", help="torch.compile our networks")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flag(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scratch", default=None, help="where the timed cache build writes (a temporary folder; default: the system's)")
     t.set_defaults(run=bench_train)
@@ -304,11 +305,11 @@ def get_args_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("video", help="a video file (the README's numbers are for a 1280x720 clip with one face)")
     v.add_argument("--checkpoint", default=None, help="a run folder or checkpoint (default: an untrained 64x64 discriminator)")
-    v.add_argument("--frames", type=main.at_least(1), default=32, help="frames sampled from the video")
-    v.add_argument("--detect-size", type=main.at_least(64), default=320, help="as in detect.py")
-    v.add_argument("--max-faces", type=main.at_least(1), default=1, help="as in detect.py")
-    v.add_argument("--repeat", type=main.at_least(1), default=3, help="runs per measurement; the median is printed")
-    v.add_argument("--threads", type=main.at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
+    v.add_argument("--frames", type=at_least(1), default=32, help="frames sampled from the video")
+    v.add_argument("--detect-size", type=at_least(64), default=320, help="as in detect.py")
+    v.add_argument("--max-faces", type=at_least(1), default=1, help="as in detect.py")
+    v.add_argument("--repeat", type=at_least(1), default=3, help="runs per measurement; the median is printed")
+    v.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
     v.set_defaults(run=bench_video)
     return p
 

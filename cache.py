@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from errors import UserError
+from cli import UserError
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -207,3 +207,43 @@ def _decode_chunk(job):
             failed.append(i)
     out.flush()
     return len(files), failed
+
+
+# -----------------------------------------------------------------------------
+# face crops of videos, for the detector: found once per file and settings
+
+FACES_FORMAT = 1
+
+
+def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
+    """The face crops of one video or image, found and cropped as detect.py does it -> (N, S, S, 3) uint8 array.
+
+    One crop per face of every sampled frame (the largest --max-faces), resized as detect.py
+    resizes it for the model. Kept in cache_dir/faces/ under a key of the file (path, size,
+    modification time) and every setting, so a second run decodes nothing. Raises UserError
+    for a file that cannot be read.
+    """
+    from faces import face_crops  # faces and video pull in OpenCV and PyAV, which the GAN's cache does not need
+    from video import input_frames
+    st = os.stat(path)
+    key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
+                                     image_size, CROP, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
+    folder = os.path.join(cache_dir, "faces")
+    target = os.path.join(folder, f"{key}.npy")
+    try:
+        return np.load(target)
+    except (OSError, ValueError):
+        pass  # not cached yet, or a damaged file: decode again
+    info, decoded = input_frames(path, kind, frames)
+    resize = data.resize_crop(image_size)
+    crops = [np.asarray(resize(crop)) for _, _, frame in decoded for _, _, crop in face_crops(frame, finder)]
+    out = np.stack(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, out)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"cannot write the face cache in {folder} ({e.strerror or e}); free space there or pass another --cache-dir") from None
+    return out

@@ -9,17 +9,18 @@ The training loop drops those and names them, so one bad JPEG never stops an epo
 import csv
 import os
 import random
+import re
 import sys
 import zlib
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 from tqdm import tqdm
 
-from errors import UserError
+from cli import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLITS = ("train", "valid", "test")  # CelebA's partition numbers 0, 1, 2
@@ -69,6 +70,21 @@ def normalize_uint8(images):
         x /= 0.5
         return torch.from_numpy(x).permute(0, 3, 1, 2)
     return images.float().div_(255).sub_(0.5).div_(0.5).permute(0, 3, 1, 2)
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> 8-bit pixels, as every image in a file or a video frame is."""
+    return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_float(pixels):
+    return pixels.float() / 127.5 - 1
+
+
+def quantize(images):
+    """Round to 8 bits. Real images come from 8-bit files and fakes would not: without this a
+    detector could learn the rounding instead of the faces."""
+    return to_float(to_uint8(images))
 
 
 def hash_split(name):
@@ -234,6 +250,123 @@ def build_dataset(dataset, root, split, image_size, synthetic_size=10_000):
     if not files:
         raise UserError(f"the {split} split of {root} is empty; it needs more images (the hash split sends about 80% to train, 10% each to valid and test)")
     return ImageFiles(files, image_size)
+
+
+# -----------------------------------------------------------------------------
+# loading a split into memory, and endless random batches
+
+def load_images(dataset, n, seed=0, workers=0):
+    """Up to n decodable images of a dataset, a fixed random subset -> (n, C, S, S) tensor in [-1, 1]."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    loader = DataLoader(dataset, batch_size=128, sampler=order, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed))  # iterating must not draw from the global RNG (the training noise)
+    return torch.cat([x[ok] for x, ok in loader])
+
+
+def endless(dataset, batch, workers, seed=0, at_least=1):
+    """Random batches forever (sampling with replacement), the undecodable items dropped: (tensor, ...) per batch.
+
+    The dataset yields (..., ok); a batch is passed over when fewer than at_least items decode.
+    """
+    sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 30, generator=torch.Generator().manual_seed(seed))
+    for *tensors, ok in DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True):
+        if ok.sum() >= at_least:
+            yield tuple(t[ok] for t in tensors)
+
+
+
+def check_detector_data(root):
+    missing = [c for c in ("real", "fake") if not os.path.isdir(os.path.join(root, c))]
+    if missing:
+        raise UserError(f"--detector-data {root} needs two subfolders, real/ and fake/, of face images (it has no {' or '.join(missing)}/)")
+
+
+class LabelledFolder(Dataset):
+    """--detector-data DIR: DIR/real/** and DIR/fake/** -> (image, label 1 = real, ok), one split of them."""
+
+    def __init__(self, root, split, image_size):
+        self.items = []
+        check_detector_data(root)
+        for name, label in (("real", 1), ("fake", 0)):
+            folder = os.path.join(root, name)
+            files = list_images(folder)
+            if not files:
+                raise UserError(f"--detector-data: no images (jpg, png, webp, bmp) under {folder}")
+            self.items += [(f, label) for f in files if hash_split(os.path.relpath(f, folder)) == split]
+        self.images = ImageFiles([f for f, _ in self.items], image_size)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        x, ok = self.images[i]
+        return x, self.items[i][1], ok
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of an epoch: a permutation fixed by seed and epoch, so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+# -----------------------------------------------------------------------------
+# labelled videos for the detector: DIR/real/** and DIR/fake/**, split by identity
+
+LABELS = {"real": 0, "fake": 1}  # detector labels: 1 = fake, as P(fake) counts it
+DEFAULT_GROUP = r"^(.*?)(?:_\d+)*$"  # the file stem without trailing _N: Keanu_Reeves_0 and _1 are one identity
+
+
+def labelled_media(root, extensions):
+    """DIR/real/** and DIR/fake/** -> [(path, label)], label 1 for fake; files with other extensions are passed over."""
+    missing = [c for c in LABELS if not os.path.isdir(os.path.join(root, c))]
+    if missing:
+        raise UserError(f"{root} needs two subfolders, real/ and fake/, of videos or face images (it has no {' or '.join(m + '/' for m in missing)})")
+    items = []
+    for name, label in LABELS.items():
+        files = list_images(os.path.join(root, name), extensions)
+        if not files:
+            raise UserError(f"no videos or images under {os.path.join(root, name)}; put the {name} ones there")
+        items += [(f, label) for f in files]
+    return items
+
+
+def group_of(path, pattern=DEFAULT_GROUP):
+    """The identity a file belongs to, from its stem: the regex's first group, or its whole match."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = re.search(pattern, stem)
+    if m is None:
+        return stem
+    return m.group(1) if m.groups() and m.group(1) is not None else m.group(0)
+
+
+def split_by_group(items, pattern=DEFAULT_GROUP, valid=0.2, test=0.2, seed=0):
+    """[(path, label)] -> {"train", "valid", "test": [(path, label)]}, every identity in one part only.
+
+    Identities are shuffled by a seeded hash of their names and dealt out to test and valid
+    until each holds about its share of the files; the rest train. Each part needs real and
+    fake files. Returns the parts and the identities in each.
+    """
+    groups = {}
+    for path, label in items:
+        groups.setdefault(group_of(path, pattern), []).append((path, label))
+    order = sorted(groups, key=lambda g: zlib.crc32(f"{seed}:{g}".encode()))
+    parts = {"test": [], "valid": [], "train": []}
+    want = {"test": test * len(items), "valid": valid * len(items)}
+    names = {p: [] for p in parts}
+    for g in order:
+        # a part takes an identity while that brings it nearer its share than it was
+        part = next((p for p in ("test", "valid") if len(parts[p]) + len(groups[g]) / 2 <= want[p]), "train")
+        parts[part] += groups[g]
+        names[part].append(g)
+    for part, chosen in parts.items():
+        labels = {label for _, label in chosen}
+        if (part != "train" and want[part] == 0) or labels == {0, 1}:
+            continue
+        counts = {c: sum(label == v for _, label in items) for c, v in LABELS.items()}
+        raise UserError(f"cannot split {len(groups)} identities ({counts['real']} real and {counts['fake']} fake files) into train, "
+                        f"valid and test parts that each hold real and fake files (the {part} part has "
+                        f"{'only ' + next(c for c, v in LABELS.items() if v in labels) if labels else 'nothing'}); "
+                        "add videos of more identities, or check --group-by")
+    return parts, names
 
 
 def report_skipped(dataset, indices, counter):

@@ -10,7 +10,6 @@ highest face score; a video's score is the mean over the sampled frames that sho
 and its verdict compares that with the detector's threshold.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -19,29 +18,19 @@ from fractions import Fraction
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import av
-from data import IMAGE_EXTENSIONS, list_images, preprocess
-from detector import fake_scores, load_detector
-from errors import UserError, run_cli
-from faces import VIDEO_EXTENSIONS, FaceFinder, face_crops, media_kind, open_video, read_image
-from main import ArgumentParser, at_least, pick_device
-
-NO_FACE = "no face"
-
-
-def probability(text):
-    value = at_least(0.0, float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
+from checkpoint import load_detector
+from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, probability, run_cli
+from data import IMAGE_EXTENSIONS, list_images
+from detector import NO_FACE, score_input
+import faces
+from faces import face_crops
+from video import VIDEO_EXTENSIONS, input_frames, media_kind, read_image
 
 def get_args_parser():
-    p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_IMAGE_OR_FOLDER",
                    help="videos (mp4, avi, mov, mkv, webm), images, or folders searched recursively")
     p.add_argument("--checkpoint", metavar="RUN_OR_CHECKPOINT",
@@ -50,17 +39,11 @@ def get_args_parser():
     sampling = g.add_mutually_exclusive_group()
     sampling.add_argument("--frames", type=at_least(1), default=32, help="frames per video, spread evenly from first to last")
     sampling.add_argument("--every", type=at_least(1), default=None, metavar="K", help="instead: every K-th frame (--every 1: all of them)")
-    g.add_argument("--faces", choices=("haar", "none"), default="haar",
-                   help="haar: find faces with OpenCV's cascade; none: score the centre crop (for inputs that are already face crops)")
-    g.add_argument("--max-faces", type=at_least(1), default=1,
-                   help="score at most this many faces per frame, the largest; raise it for several people, but then the "
-                        "cascade's false positives (face-sized textures) are scored too, and a frame takes its highest score")
-    g.add_argument("--detect-size", type=at_least(64), default=320,
-                   help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller faces, slower")
+    faces.add_flags(g, at_least)
     g = p.add_argument_group("scoring")
     g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above; None: the threshold stored with the detector")
     g.add_argument("--batch", type=at_least(1), default=64, help="face crops per forward pass")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_device_flag(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", default=None, help="write summary.csv, frames.csv and one JSON per input here")
     g.add_argument("--annotate", action="store_true", help="also write a copy of each input into --out with the faces boxed, coloured by score")
@@ -92,17 +75,6 @@ def list_inputs(paths):
     return found
 
 
-def input_frames(path, kind, frames=32, every=None):
-    """-> (info, iterator of (index, seconds, RGB frame)); raises UserError for an input that cannot be read."""
-    if os.path.getsize(path) == 0:
-        raise UserError("is an empty file (0 bytes)")
-    if kind == "image":
-        frame = read_image(path)
-        info = {"width": frame.shape[1], "height": frame.shape[0], "fps": 0.0, "frames_total": 1, "frames_sampled": 1, "decode_errors": 0}
-        return info, iter([(0, 0.0, frame)])
-    return open_video(path, frames, every)
-
-
 def unique_stem(path, taken):
     """A file name stem for this input's outputs that no other input has taken."""
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -112,56 +84,6 @@ def unique_stem(path, taken):
         name = f"{stem}_{n}"
     taken.add(name)
     return name
-
-
-# -----------------------------------------------------------------------------
-# scoring
-
-def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64):
-    """Sample, find faces, score them in batches -> the input's result dict (frames included)."""
-    info, decoded = input_frames(path, kind, frames, every)
-    transform = preprocess(image_size)
-    records, pending = [], []
-
-    def flush():
-        if pending:
-            scores = fake_scores(model, torch.stack([t for _, t in pending]).to(device)).cpu().tolist()
-            for (face, _), s in zip(pending, scores):
-                face["score"] = s
-            pending.clear()
-
-    for index, seconds, frame in tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame",
-                                      leave=False, dynamic_ncols=True):
-        faces = []
-        for box, square, crop in face_crops(frame, finder):
-            faces.append({"box": list(box), "crop": list(square), "score": None})
-            pending.append((faces[-1], transform(crop)))
-        records.append({"index": index, "time": round(seconds, 3), "faces": faces})
-        if len(pending) >= batch:
-            flush()
-    flush()
-    for r in records:
-        r["score"] = max((f["score"] for f in r["faces"]), default=None)
-    return summarise(path, kind, info, records, threshold)
-
-
-def summarise(path, kind, info, records, threshold):
-    """A frame scores its most fake-looking face; a video, the mean over frames with a face."""
-    frame_scores = [r["score"] for r in records if r["score"] is not None]
-    score = float(np.mean(frame_scores)) if frame_scores else None
-    verdict = NO_FACE if score is None else "fake" if score >= threshold else "real"
-    return {
-        "file": path, "kind": kind, **info,
-        "frames_scored": len(records),  # below frames_sampled only when frames could not be decoded
-        "frames_with_face": len(frame_scores),
-        "frames_without_face": len(records) - len(frame_scores),
-        "faces": sum(len(r["faces"]) for r in records),
-        "score": score,
-        "share_above_threshold": float(np.mean([s >= threshold for s in frame_scores])) if frame_scores else None,
-        "threshold": threshold,
-        "verdict": verdict,
-        "frames": records,
-    }
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +207,7 @@ def extract(inputs, finder, args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    finder = None if args.faces == "none" else FaceFinder(detect_size=args.detect_size, max_faces=args.max_faces)
+    finder, _ = faces.from_flags(args)
     inputs = list_inputs(args.inputs)
     if not inputs:
         raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
@@ -298,10 +220,10 @@ def main(argv=None):
 
     # the checkpoint is read, and any mismatch reported, before a single frame is decoded
     device = pick_device(args.device)
-    model, threshold, detector_kind, cfg = load_detector(args.checkpoint, device)
+    model, threshold, detector_kind, info = load_detector(args.checkpoint, device)
     if args.threshold is not None:
         threshold = args.threshold
-    print(f"detector: the {detector_kind} of {args.checkpoint} ({cfg['image_size']}x{cfg['image_size']}), "
+    print(f"detector: the {detector_kind} of {args.checkpoint} ({info['image_size']}x{info['image_size']}), "
           f"threshold {threshold:.3f}, on {device}")
     if detector_kind == "raw discriminator":
         print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
@@ -319,7 +241,7 @@ def main(argv=None):
         try:
             if problem:
                 raise UserError(problem)
-            result = score_input(path, kind, model, device, cfg["image_size"], finder, threshold, args.frames, args.every, args.batch)
+            result = score_input(path, kind, model, device, info["image_size"], finder, threshold, args.frames, args.every, args.batch)
         except UserError as e:
             tqdm.write(f"error: {path}: {e}", file=sys.stderr)
             results.append({"file": path, "kind": kind, "error": str(e)})

@@ -21,14 +21,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
-from models import Discriminator, draw_samples, load_checkpoint, load_state, require, save_checkpoint
-
-DETECTOR_FORMAT = 1
+from data import normalize_uint8, preprocess, quantize, to_float, to_uint8
+from faces import CROP_SCALE, CROP_SHIFT, face_crops
+from models import draw_samples
+from video import input_frames
 
 
 @torch.no_grad()
@@ -37,47 +40,61 @@ def fake_scores(model, images):
     return torch.sigmoid(-model(images).float())
 
 
-def load_detector(path, device="cpu"):
-    """A run folder, checkpoint.pt or detector.pt -> (model in eval mode, threshold, kind, config)."""
-    run_dir = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) == "checkpoint.pt" else None
-    if run_dir is not None and os.path.isfile(os.path.join(run_dir, "detector.pt")):
-        path = os.path.join(run_dir, "detector.pt")  # the run's fine-tuned detector, whether given the folder or its checkpoint
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    model = Discriminator(ndf=cfg["ndf"], channels=cfg["channels"], image_size=cfg["image_size"])
-    if "detector" in ckpt:
-        load_state(model, ckpt["detector"], "detector", path)
-        kind, threshold = "fine-tuned detector", float(ckpt["threshold"])
-    else:
-        require(ckpt, ("D",), path, "scoring")
-        load_state(model, ckpt["D"], "discriminator", path)
-        kind, threshold = "raw discriminator", float(ckpt.get("threshold", 0.5))
-    return model.to(device).eval(), threshold, kind, cfg
+# -----------------------------------------------------------------------------
+# scoring the faces of a video or an image
+
+NO_FACE = "no face"
 
 
-def save_detector(path, model, threshold, cfg, **info):
-    """detector.pt: the fine-tuned weights, the threshold on P(fake) and whatever describes how they were made."""
-    save_checkpoint({"config": cfg, "detector": model.state_dict(), "threshold": float(threshold),
-                     "detector_format": DETECTOR_FORMAT, **info}, path)
+def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64):
+    """Sample, find faces, score them in batches -> the input's result dict (frames included)."""
+    info, decoded = input_frames(path, kind, frames, every)
+    transform = preprocess(image_size)
+    records, pending = [], []
+
+    def flush():
+        if pending:
+            scores = fake_scores(model, torch.stack([t for _, t in pending]).to(device)).cpu().tolist()
+            for (face, _), s in zip(pending, scores):
+                face["score"] = s
+            pending.clear()
+
+    for index, seconds, frame in tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame",
+                                      leave=False, dynamic_ncols=True):
+        faces = []
+        for box, square, crop in face_crops(frame, finder):
+            faces.append({"box": list(box), "crop": list(square), "score": None})
+            pending.append((faces[-1], transform(crop)))
+        records.append({"index": index, "time": round(seconds, 3), "faces": faces})
+        if len(pending) >= batch:
+            flush()
+    flush()
+    for r in records:
+        r["score"] = max((f["score"] for f in r["faces"]), default=None)
+    return summarise(path, kind, info, records, threshold)
+
+
+def summarise(path, kind, info, records, threshold):
+    """A frame scores its most fake-looking face; a video, the mean over frames with a face."""
+    frame_scores = [r["score"] for r in records if r["score"] is not None]
+    score = float(np.mean(frame_scores)) if frame_scores else None
+    verdict = NO_FACE if score is None else "fake" if score >= threshold else "real"
+    return {
+        "file": path, "kind": kind, **info,
+        "frames_scored": len(records),  # below frames_sampled only when frames could not be decoded
+        "frames_with_face": len(frame_scores),
+        "frames_without_face": len(records) - len(frame_scores),
+        "faces": sum(len(r["faces"]) for r in records),
+        "score": score,
+        "share_above_threshold": float(np.mean([s >= threshold for s in frame_scores])) if frame_scores else None,
+        "threshold": threshold,
+        "verdict": verdict,
+        "frames": records,
+    }
 
 
 # -----------------------------------------------------------------------------
 # what happens to a face on its way into a video frame
-
-def to_uint8(images):
-    """[-1, 1] floats -> 8-bit pixels, as every image in a file or a video frame is."""
-    return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def to_float(pixels):
-    return pixels.float() / 127.5 - 1
-
-
-def quantize(images):
-    """Round to 8 bits. Real images come from 8-bit files and fakes would not: without this a
-    detector could learn the rounding instead of the faces."""
-    return to_float(to_uint8(images))
-
 
 def _uniform(lo, hi):
     return lo + (hi - lo) * float(torch.rand(()))  # torch's RNG, so torch.manual_seed makes a run repeatable
@@ -135,6 +152,13 @@ def jpeg(images, quality):
 def sample(G, n, nz, device, generator=None):
     """n fakes from G in eval mode, from noise drawn with generator (the global RNG if None)."""
     return draw_samples(G, torch.randn(n, nz, generator=generator).to(device)).float()
+
+
+def fakes(G, n, nz, device, seed):
+    """n samples of G from noise seed `seed`, rounded to 8 bits, on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([quantize(sample(G, min(256, n - i), nz, device, g)) for i in range(0, n, 256)])
+
 
 
 def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=1e-4, extra_batches=None, log=None, log_every=50):
@@ -233,3 +257,177 @@ def fit_spectrum_baseline(real, fake, seed=0):
 
 def spectrum_scores(model, images):
     return model.predict_proba(spectrum_features(images))[:, 1]
+
+
+# -----------------------------------------------------------------------------
+# self-blended faces (Shiohara & Yamasaki, CVPR 2022): fakes made from real faces alone
+
+# Where the face sits in a crop framed by faces.crop_square (and, by design, in a CelebA
+# image after the DCGAN preprocessing): centred across, a little below the middle (the box
+# centre is 0.14 box widths below the crop centre), the box 1/1.7 of the side.
+FACE_CENTRE_Y = 0.5 + CROP_SHIFT / CROP_SCALE
+FACE_HALF = 0.5 / CROP_SCALE
+
+
+def _smooth_noise(n, size, cells, generator):
+    """Low-frequency noise in [-1, 1]: a coarse random grid upsampled smoothly to size x size."""
+    coarse = torch.rand(n, 1, cells, cells, generator=generator) * 2 - 1
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True).clamp(-1, 1)
+
+
+def blend_masks(n, size, generator=None):
+    """(n, 1, size, size) soft masks in [0, 1]: an ellipse over the inner face, its outline bent by smooth noise,
+    its edge blurred by a random width, and its strength scaled by a random blend ratio (1 half the time)."""
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=generator)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    cx, cy = 0.5 + u(-0.03, 0.03), FACE_CENTRE_Y + u(-0.05, 0.03)
+    rx, ry = FACE_HALF * u(0.75, 1.05), FACE_HALF * u(0.95, 1.3)  # from the cheeks, brow to chin
+    d = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2
+    d = d + 0.35 * _smooth_noise(n, size, 5, generator)  # a deformed outline, as the paper's landmark hull is
+    hard = (d < 1).float()
+    out = torch.empty_like(hard)
+    for i in range(n):  # a soft edge of its own width for every mask
+        sigma = float(u(0.01, 0.06)[0]) * size
+        k = int(2 * round(3 * sigma) + 1)
+        out[i] = TF.gaussian_blur(hard[i], [k, k], [sigma, sigma])
+    ratio = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, torch.ones(n, 1, 1, 1), u(0.4, 1.0))
+    return out * ratio
+
+
+def self_blend(faces, generator=None):
+    """Real faces (N, 3, S, S) in [-1, 1] -> (self-blended fakes, their masks), the pixels 8-bit like a frame's.
+
+    Each face is pasted onto itself: a source copy whose colour, sharpness and scale are
+    jittered (the mismatch a face swap leaves) blended through a soft, deformed face mask
+    into the untouched target. The result differs from the input only where the mask is not
+    zero, and it teaches the blending boundary without a single fake from any method.
+    """
+    n, _, s, _ = faces.shape
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=generator)
+    src = faces * u(0.9, 1.1, 3, 1, 1) + u(-0.08, 0.08, 3, 1, 1)  # per-channel gain and shift: colour mismatch
+    soft = torch.rand(n, generator=generator)
+    blurred = TF.gaussian_blur(src, [5, 5], [1.0, 1.0])
+    src = torch.where((soft < 0.3).view(n, 1, 1, 1), blurred, torch.where((soft > 0.8).view(n, 1, 1, 1), 2 * src - blurred, src))
+    scale, shift = u(0.94, 1.06), u(-0.03, 0.03, 2)  # the pasted face a little larger or smaller, a little off
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = scale, scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, (n, 3, s, s), align_corners=False)
+    src = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mask = blend_masks(n, s, generator)
+    return quantize(mask * src.clamp(-1, 1) + (1 - mask) * faces), mask
+
+
+# -----------------------------------------------------------------------------
+# training a detector on labelled videos, self-blended faces and the GAN's fakes
+
+SOURCES = ("labelled", "sbi", "gan")  # where the fakes come from: fake/ videos, self-blended reals, the GAN's samples
+
+
+def init_from(model, D):
+    """Copy every weight of D whose name and shape fit model (the first blocks, when the sizes differ) -> names copied."""
+    own = model.state_dict()
+    fit = {k: v for k, v in D.state_dict().items() if k in own and own[k].shape == v.shape}
+    own.update(fit)
+    model.load_state_dict(own)
+    return sorted(fit)
+
+
+@torch.no_grad()
+def video_scores(model, videos, device, batch=128):
+    """[(faces uint8 (N, S, S, 3), ...)] -> one score per video: the mean P(fake) of its faces (NaN for none), as detect.py scores."""
+    model.eval()
+    out = []
+    for faces in videos:
+        if len(faces) == 0:
+            out.append(float("nan"))
+            continue
+        x = normalize_uint8(np.ascontiguousarray(faces))
+        out.append(float(torch.cat([fake_scores(model, c.to(device)) for c in x.split(batch)]).mean()))
+    return np.array(out)
+
+
+class Batches:
+    """Training batches: `batch` real faces against `batch` fakes shared among the chosen sources, augmented.
+
+    real_video, fake_video: uint8 (N, S, S, 3) faces from the labelled videos; real_images:
+    more real faces (the GAN's training images) or None; generators: the GAN's generators
+    (empty when its fakes are off). Half the reals come from videos and half from the
+    images when both exist, so neither drowns the other.
+    """
+
+    def __init__(self, real_video, fake_video, real_images, generators, sources, *, batch, image_size, nz, device, seed):
+        self.real = [r for r in (real_video, real_images) if r is not None and len(r)]
+        self.fake_video, self.generators, self.sources = fake_video, generators, sources
+        self.batch, self.size, self.nz, self.device = batch, image_size, nz, device
+        self.g = torch.Generator().manual_seed(seed)
+        self.transform = FrameAugment(image_size)
+
+    def _pick(self, pool, n):
+        idx = torch.randint(len(pool), (n,), generator=self.g).numpy()
+        return normalize_uint8(np.ascontiguousarray(pool[np.sort(idx)]))
+
+    def _reals(self, n):
+        share = [n // len(self.real) + (i < n % len(self.real)) for i in range(len(self.real))]
+        return torch.cat([self._pick(pool, k) for pool, k in zip(self.real, share) if k])
+
+    def __next__(self):
+        b = self.batch
+        real = self._reals(b)
+        share = [b // len(self.sources) + (i < b % len(self.sources)) for i in range(len(self.sources))]
+        fakes = []
+        for source, n in zip(self.sources, share):
+            if n == 0:
+                continue
+            if source == "labelled":
+                fakes.append(self._pick(self.fake_video, n))
+            elif source == "sbi":
+                fakes.append(self_blend(self._reals(n), self.g)[0])
+            else:
+                G = self.generators[int(torch.randint(len(self.generators), (), generator=self.g))]
+                z = torch.randn(n, self.nz, generator=self.g)
+                x = draw_samples(G, z.to(next(G.parameters()).device)).float().cpu()
+                fakes.append(quantize(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                                    antialias=True)))
+        x = torch.cat([real, *fakes])
+        y = torch.cat([torch.zeros(len(real)), torch.ones(len(x) - len(real))])  # 1 = fake
+        return augment(x, self.transform).to(self.device), y.to(self.device)
+
+
+def train_detector(model, batches, valid, *, steps, lr, device, eval_every, on_eval=None, on_log=None, log_every=10,
+                   should_stop=lambda: False):
+    """Train model (label 1 = fake) on batches; every eval_every steps score the validation videos and keep the best.
+
+    valid: (list of face arrays, labels 1 = fake), one per video. Model choice and, later, the
+    threshold use video-level scores, the unit the detector is judged on. Returns (best model
+    in eval mode, its validation AUC, its step, the last step run).
+    """
+    from metrics import detection_metrics
+    model = model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.999))
+    best, best_auc, best_step, step = copy.deepcopy(model.state_dict()), -1.0, 0, 0
+    t0, seen = time.time(), 0
+    for step in range(1, steps + 1):
+        x, y = next(batches)
+        # the discriminator's logit is positive for real, so P(fake) = sigmoid(-logit): train -logit on "fake"
+        loss = F.binary_cross_entropy_with_logits(-model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(x)
+        if on_log is not None and (step % log_every == 0 or step == steps):
+            on_log(step, loss.item(), seen / (time.time() - t0))
+        stop = should_stop()
+        if step % eval_every == 0 or step == steps or stop:
+            scores = video_scores(model, valid[0], device)
+            ok = ~np.isnan(scores)
+            m = detection_metrics(scores[ok], np.asarray(valid[1])[ok])
+            if m["auc"] > best_auc:
+                best, best_auc, best_step = copy.deepcopy(model.state_dict()), m["auc"], step
+            if on_eval is not None:
+                on_eval(step, m, scores)
+            model.train()
+        if stop:
+            break
+    model.load_state_dict(best)
+    return model.eval(), best_auc, best_step, step

@@ -8,7 +8,6 @@
 
 import argparse
 import contextlib
-import copy
 import datetime
 import functools
 import json
@@ -22,7 +21,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -31,12 +29,13 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import cache
+import checkpoint
 import data
-import evaluate
 import metrics
-from errors import UserError, run_cli
-from models import (IMAGE_SIZES, SHAPE_KEYS, build_models, draw_samples, load_checkpoint, load_state, resolve_checkpoint,
-                    save_checkpoint)
+from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, explicit_flags, one_of, pick_device, pick_precision,
+                 run_cli, use_fast_cuda_kernels)
+from checkpoint import SHAPE_KEYS
+from models import IMAGE_SIZES, build_models, draw_samples, train_step
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
@@ -44,41 +43,8 @@ RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sa
                     "detector_steps", "detector_data", "inception_weights", "eval_images")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line instead of a usage block: the user needs the mistake, --help has the rest.
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def at_least(lo, kind=int):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value >= lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {text}")
-        return value
-    return parse
-
-
-def image_size(text):
-    value = at_least(1)(text)
-    if value not in IMAGE_SIZES:
-        raise argparse.ArgumentTypeError(f"must be a power of two from 32 to 256 ({', '.join(map(str, IMAGE_SIZES))}), got {text}")
-    return value
-
-
-def beta(text):
-    value = at_least(0.0, float)(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
 def get_args_parser():
-    p = ArgumentParser(description="Train a DCGAN (Radford et al. 2015) and log it to TensorBoard.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Train a DCGAN (Radford et al. 2015) and log it to TensorBoard.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default="celeba",
                    help="celeba: CelebA under --data-root in torchvision's, Kaggle's or a plain layout; "
@@ -93,7 +59,7 @@ def get_args_parser():
                         "feed batches from it without loader workers; --no-cache decodes every image every epoch")
     g.add_argument("--cache-dir", default="data/cache", help="where image caches are kept (CelebA at 64x64 takes about 2.5 GB)")
     g = p.add_argument_group("model")
-    g.add_argument("--image-size", type=image_size, default=64, help="image side: 32, 64, 128 or 256 (blocks are added or removed)")
+    g.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side: 32, 64, 128 or 256 (blocks are added or removed)")
     g.add_argument("--nz", type=at_least(1), default=100, help="length of the latent vector z")
     g.add_argument("--ngf", type=at_least(1), default=64, help="generator width (feature maps of its last hidden layer)")
     g.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width (feature maps of its first layer)")
@@ -102,11 +68,11 @@ def get_args_parser():
     g.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in total, with a checkpoint (this invocation only, not kept on --resume)")
     g.add_argument("--batch", type=at_least(1), default=128, help="images per step")
     g.add_argument("--lr", type=at_least(1e-12, float), default=2e-4, help="Adam learning rate, both networks (paper: 2e-4)")
-    g.add_argument("--beta1", type=beta, default=0.5, help="Adam beta1 (paper: 0.5; the default 0.9 oscillates)")
+    g.add_argument("--beta1", type=below_one, default=0.5, help="Adam beta1 (paper: 0.5; the default 0.9 oscillates)")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the noise and the data order")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on GPUs that support it, else fp32; fp16 uses a GradScaler and needs CUDA")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="keep images and activations channels-last in memory (NHWC), which the fast convolutions want")
@@ -132,28 +98,6 @@ def get_args_parser():
     return p
 
 
-def explicit_flags(parser, argv):
-    """The flags the user typed, as opposed to defaults: parse again with every default suppressed."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(quiet.parse_args(argv)))
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asks for CUDA, but PyTorch sees no CUDA GPU here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
 def new_run_dir(logdir, run_name, cfg):
     if run_name is None:
         taken = [int(m.group(1)) for d in (os.listdir(logdir) if os.path.isdir(logdir) else []) if (m := re.match(r"(\d+)-", d))]
@@ -165,70 +109,12 @@ def new_run_dir(logdir, run_name, cfg):
     return run_dir
 
 
-# -----------------------------------------------------------------------------
-# the GAN step
-
-def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, scaler=None):
-    """One DCGAN step on a batch of real images; returns detached statistics (no host sync).
-
-    G and D may be DistributedDataParallel wrappers; autocast makes a mixed-precision context
-    and scaler is the fp16 GradScaler (None for fp32 and bf16, which need none).
-    """
-    scaler = scaler or NO_SCALER
-    b = real.shape[0]
-    ones = torch.ones(b, device=real.device)
-    zeros = torch.zeros(b, device=real.device)
-    with autocast():
-        fake = G(torch.randn(b, nz, device=real.device))
-
-    # (1) update D: maximise log D(x) + log(1 - D(G(z))), a real batch labelled 1 and a fake batch labelled 0
-    with autocast():
-        logits_real = D(real)
-        logits_fake = D(fake.detach())
-        loss_D = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
-    opt_D.zero_grad(set_to_none=True)
-    scaler.scale(loss_D).backward()
-    scaler.step(opt_D)
-
-    # (2) update G: maximise log D(G(z)), the non-saturating loss (fakes labelled 1)
-    # D's weights are frozen for this half, so no gradient of D is computed, and under DDP none is
-    # all-reduced. The G step runs the bare discriminator rather than its DDP wrapper: the wrapper
-    # would only add its per-forward buffer broadcast and hook bookkeeping for gradients that never
-    # come. G's wrapper still averages G's gradients over the ranks.
-    D_bare = D.module if isinstance(D, DDP) else D
-    D.requires_grad_(False)  # only G's gradients are wanted: skip computing D's weight gradients
-    with autocast():
-        logits_gen = D_bare(fake)
-        loss_G = F.binary_cross_entropy_with_logits(logits_gen, ones)
-    opt_G.zero_grad(set_to_none=True)
-    scaler.scale(loss_G).backward()
-    scaler.step(opt_G)
-    scaler.update()  # once per step, after both optimizers, as GradScaler expects
-    D.requires_grad_(True)
-
-    return {
-        "loss/D": loss_D.detach(),
-        "loss/G": loss_G.detach(),
-        "D(x)": torch.sigmoid(logits_real.detach().float()).mean(),
-        "D(G(z))/D_step": torch.sigmoid(logits_fake.detach().float()).mean(),  # before D's update
-        "D(G(z))/G_step": torch.sigmoid(logits_gen.detach().float()).mean(),  # after D's update, before G's
-    }
-
-
-NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # scale, step and update pass straight through
-
-
 def write_grid(G, z, path, writer=None, step=0):
     images = draw_samples(G, z).float().cpu()
     grid = make_grid(images, nrow=int(math.sqrt(len(images))) or 1, normalize=True, value_range=(-1, 1))
     save_image(grid, path)
     if writer is not None:
         writer.add_image("samples", grid, step)
-
-
-def epoch_order(n, seed, epoch):
-    """The data order of an epoch: a permutation fixed by seed and epoch, so a resumed run sees the same batches."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def loader_batches(dataset, order, first_step, steps, batch, rank, world, device, workers, seed):
@@ -264,24 +150,6 @@ def open_image_cache(dataset, cfg, rank):
         print(f"warning: {len(cached.dropped)} images could not be decoded and are left out "
               f"(named in {cfg['cache_dir']}/.../index.json)", file=sys.stderr)
     return cached
-
-
-def use_fast_cuda_kernels(device):
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every step has the same shapes: find the fastest convolutions once
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 work; GAN training does not need fp32's last bits
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def pick_precision(name, device):
-    """--precision -> None (fp32) or the autocast dtype; bf16 where the GPU has it, fp16 only on CUDA."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU (CPUs have no fast fp16 arithmetic); on CPU use fp32 or bf16")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or fp32")
-    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 # -----------------------------------------------------------------------------
@@ -334,8 +202,8 @@ def train(cfg, ckpt=None):
     fixed_noise = torch.randn(64, cfg["nz"], generator=torch.Generator().manual_seed(cfg["seed"]))
     epoch, done_in_epoch, step = 0, 0, 0
     if ckpt is not None:
-        load_state(G, ckpt["G"], "generator", cfg["resume"])
-        load_state(D, ckpt["D"], "discriminator", cfg["resume"])
+        checkpoint.load_state(G, ckpt["G"], "generator", cfg["resume"])
+        checkpoint.load_state(D, ckpt["D"], "discriminator", cfg["resume"])
         opt_G.load_state_dict(ckpt["opt_G"])
         opt_D.load_state_dict(ckpt["opt_D"])
         for group in opt_G.param_groups + opt_D.param_groups:
@@ -363,7 +231,7 @@ def train(cfg, ckpt=None):
     run_dir = cfg["run_dir"]
     writer = SummaryWriter(run_dir) if is_main else None
     # held-out images for the per-epoch SWD and raw-D AUC, decoded once
-    valid_real = evaluate.load_images(data.build_dataset(cfg["dataset"], cfg["data_root"], "valid", cfg["image_size"], cfg["synthetic_size"]),
+    valid_real = data.load_images(data.build_dataset(cfg["dataset"], cfg["data_root"], "valid", cfg["image_size"], cfg["synthetic_size"]),
                                       cfg.get("eval_images", 1000), cfg["seed"], cfg["workers"]) if is_main else None
     if is_main and len(valid_real) < 2:
         raise UserError(f"the valid split has {len(valid_real)} decodable images; the per-epoch evaluation needs at least 2, so add images")
@@ -375,15 +243,15 @@ def train(cfg, ckpt=None):
                                {"loss/D": 0, "loss/G": 0}):
             writer._get_file_writer().add_summary(summary)
 
-    def checkpoint(last):
+    def save_checkpoint(last):
         if last is not None:
             check_finite(last, step, run_dir)  # never overwrite the last good checkpoint with a diverged model
-        save_checkpoint({
+        checkpoint.save({
             "config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
             "epoch": epoch, "done_in_epoch": done_in_epoch, "step": step, "fixed_noise": fixed_noise.cpu(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-        }, os.path.join(run_dir, "checkpoint.pt"))
+        }, os.path.join(run_dir, "checkpoint.pt"), "training")
 
     # Ctrl-C finishes the step in flight, writes a checkpoint and stops; a second Ctrl-C stops at once.
     # Not under torchrun: processes would stop after different steps and wait on each other forever.
@@ -402,7 +270,7 @@ def train(cfg, ckpt=None):
     stop = cfg["max_steps"] is not None and step >= cfg["max_steps"]
     try:
         while epoch < cfg["epochs"] and not stop:
-            order = epoch_order(len(dataset), cfg["seed"], epoch)
+            order = data.epoch_order(len(dataset), cfg["seed"], epoch)
             if cached is not None:
                 batches = cache.batches(store, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device)
             else:
@@ -439,11 +307,11 @@ def train(cfg, ckpt=None):
                 epoch, done_in_epoch = epoch + 1, 0
                 if is_main:
                     write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"epoch_{epoch:03d}.png"), writer, step)
-                    evaluate.save_snapshot(G, cfg, epoch, step, run_dir)  # fakes from earlier generators for the detector
-                    for k, v in evaluate.epoch_metrics(G, D, valid_real, cfg, device, epoch).items():
+                    checkpoint.save_snapshot(G, cfg, epoch, step, run_dir)  # fakes from earlier generators for the detector
+                    for k, v in metrics.epoch_metrics(G, D, valid_real, cfg, device, epoch).items():
                         writer.add_scalar(k, v, step)
             if is_main and (last is not None or not stop):  # a step was taken, or at least an epoch's end reached
-                checkpoint(last)
+                save_checkpoint(last)
         if is_main and not stop and epoch >= cfg["epochs"] and cfg.get("detector_steps", 0) > 0:
             # the GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json).
             # Its checkpoint is written, so from here Ctrl-C simply stops; evaluate.py can redo this part.
@@ -451,7 +319,7 @@ def train(cfg, ckpt=None):
             # plain copies: with --sync-bn the networks' BatchNorm would wait for ranks that have finished
             G_eval, D_eval = build_models(cfg)
             G_eval.load_state_dict(G.state_dict()), D_eval.load_state_dict(D.state_dict())
-            evaluate.evaluate_run(cfg, G_eval.to(device), D_eval.to(device), run_dir, step=step, epoch=epoch, detector_steps=cfg["detector_steps"],
+            metrics.evaluate_run(cfg, G_eval.to(device), D_eval.to(device), run_dir, step=step, epoch=epoch, detector_steps=cfg["detector_steps"],
                                   eval_images=cfg.get("eval_images", 1000), inception_weights=cfg.get("inception_weights"),
                                   detector_data=cfg.get("detector_data"), device=device, writer=writer)
     finally:
@@ -481,7 +349,7 @@ def check_paths(cfg):
     if cfg["inception_weights"]:
         metrics.check_inception_weights(cfg["inception_weights"])
     if cfg["detector_data"]:
-        evaluate.check_detector_data(cfg["detector_data"])
+        data.check_detector_data(cfg["detector_data"])
 
 
 def make_config(argv=None):
@@ -494,7 +362,7 @@ def make_config(argv=None):
     if args.resume is None:
         cfg["run_dir"] = new_run_dir(args.logdir, args.run_name, cfg)
         return cfg, None
-    ckpt = load_checkpoint(args.resume)
+    ckpt = checkpoint.load(args.resume, use="--resume")
     explicit = explicit_flags(parser, argv)
     for key in SHAPE_KEYS:
         if key in explicit and cfg[key] != ckpt["config"][key]:
@@ -510,7 +378,7 @@ def make_config(argv=None):
     resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit or k not in resumed})  # new flags: today's defaults
     resumed["max_steps"] = cfg["max_steps"]  # a stop for one invocation: resuming a --max-steps run continues it
     resumed["resume"] = args.resume
-    resumed["run_dir"] = os.path.dirname(os.path.abspath(resolve_checkpoint(args.resume)))
+    resumed["run_dir"] = os.path.dirname(os.path.abspath(checkpoint.resolve(args.resume)))
     return resumed, ckpt
 
 

@@ -10,6 +10,7 @@ runs everywhere, every epoch. FID and KID use torch-fidelity's port of the TF In
 (2015-12-05) from a local weights file, because many machines cannot download it.
 """
 
+import json
 import os
 
 import numpy as np
@@ -17,8 +18,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from detector import to_uint8
-from errors import UserError
+import checkpoint
+import data
+import detector
+from cli import UserError
+
+DETECTOR_BATCH = 64  # real images per fine-tuning step, plus as many fakes
+SPECTRUM_TRAIN_IMAGES = 2000  # per class, for the baseline's logistic regression
+# noise seeds, offset from the run's seed so that training, validation and test fakes never share a z
+SEED_VALID, SEED_TEST, SEED_EPOCH = 1_000_001, 2_000_003, 3_000_017
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = ("get the Inception-v3 2015-12-05 weights (weights-inception-2015-12-05-6726825d.pth, 91 MB) from "
@@ -55,6 +63,33 @@ def detection_metrics(scores, labels, threshold=None):
     return out
 
 
+def video_table(reports):
+    """{part: detection_metrics at the threshold} -> a Markdown table."""
+    rows = ["| part | videos (real + fake) | AUC | AP | EER | accuracy | fakes caught | real called fake |", "|---|---|---|---|---|---|---|---|"]
+    for part, m in reports.items():
+        rows.append(f"| {part} | {m['n_real']} + {m['n_fake']} | {m['auc']:.3f} | {m['ap']:.3f} | {m['eer']:.3f} | "
+                    f"{m['accuracy']:.3f} | {m['tpr']:.3f} | {m['fpr']:.3f} |")
+    return "\n".join(rows)
+
+
+def score_chart(scores, labels, threshold=None, bins=20, width=320, height=120):
+    """Real (green) and fake (red) score histograms on one chart, the threshold as a line -> (3, H, W) uint8 tensor for TensorBoard."""
+    from PIL import Image, ImageDraw
+    scores, labels = np.nan_to_num(np.asarray(scores, dtype=float)), np.asarray(labels)
+    counts = [np.histogram(scores[labels == c], bins=bins, range=(0, 1))[0] for c in (0, 1)]
+    top = max(1, max(c.max() for c in counts))
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    bw = width / bins
+    for c, colour in ((0, (40, 160, 60)), (1, (210, 50, 40))):
+        for b, n in enumerate(counts[c]):
+            x0 = b * bw + (bw / 2 if c else 0)
+            d.rectangle([x0, height - 1 - (height - 10) * n / top, x0 + bw / 2 - 1, height - 1], fill=colour)
+    if threshold is not None:
+        d.line([threshold * width, 0, threshold * width, height], fill=(0, 0, 0), width=2)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
 def equal_error_rate(fpr, tpr):
     """Where the miss rate (1 - TPR) equals the false-positive rate, linearly interpolated on the ROC."""
     fnr = 1 - tpr
@@ -69,12 +104,17 @@ def equal_error_rate(fpr, tpr):
 def pick_threshold(scores, labels):
     """The threshold on P(fake) with the best balanced accuracy (Youden's J = TPR - FPR) on these scores.
 
+    It lies halfway between the lowest score counted fake and the next score below it, not on
+    the first: a few validation videos place the boundary only that precisely, and a threshold
+    equal to one validation score would sit on the edge of every new video like it.
     Meant for validation scores: a threshold picked on the test set would flatter the test accuracy.
     """
-    fpr, tpr, thresholds = roc_curve(np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)
+    fpr, tpr, thresholds = roc_curve(np.asarray(labels).astype(int), scores, drop_intermediate=False)
     j = tpr - fpr
     best = int(np.argmax(j[1:])) + 1  # thresholds[0] is +inf (nothing flagged); never useful
-    return float(thresholds[best])
+    below = scores[scores < thresholds[best]]
+    return float((thresholds[best] + below.max()) / 2) if len(below) else float(thresholds[best])
 
 
 # -----------------------------------------------------------------------------
@@ -190,7 +230,7 @@ def inception_features(model, images, batch=50):
     """images (N, 3, S, S) in [-1, 1] -> (N, 2048) pool features; the network resizes to 299 itself."""
     feats = []
     for chunk in images.split(batch):
-        x = to_uint8(chunk)  # the 8-bit images it was made for
+        x = data.to_uint8(chunk)  # the 8-bit images it was made for
         feats.append(model(x)[0])
     return torch.cat(feats).double()
 
@@ -206,3 +246,159 @@ def fid_kid(real_features, fake_features, kid_subset_size=1000, seed=0):
                                  kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
     return {"fid": fid, "kid_x1e3": 1e3 * kid[KEY_METRIC_KID_MEAN], "kid_std_x1e3": 1e3 * kid[KEY_METRIC_KID_STD],
             "kid_subset_size": size}
+
+
+# -----------------------------------------------------------------------------
+# every epoch: SWD and the raw discriminator as a detector
+
+@torch.no_grad()
+def epoch_metrics(G, D, valid_real, cfg, device, epoch):
+    """SWD per pyramid level and the raw D's AUC and accuracy (threshold 1/2), valid images against fresh fakes."""
+    fake = detector.fakes(G, len(valid_real), cfg["nz"], device, SEED_EPOCH + epoch)
+    was_training = D.training
+    scores = np.concatenate([detector.score_images(D, valid_real, device), detector.score_images(D, fake, device)])
+    D.train(was_training)
+    labels = np.r_[np.zeros(len(valid_real)), np.ones(len(fake))]
+    m = detection_metrics(scores, labels, threshold=0.5)
+    out = {"raw_D/auc": m["auc"], "raw_D/accuracy": m["accuracy"]}
+    out.update({f"swd/{k}": v for k, v in sliced_wasserstein(valid_real, fake).items()})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# after training: fine-tune, pick the threshold, report on the test split
+
+def build_detector(cfg, G, D, snapshots, train_set, *, steps, device, detector_data=None, log=print):
+    """Fine-tune a copy of D against G and its snapshots on train_set's real images; returns the detector in eval mode."""
+    # two decodable images at least: the detector's BatchNorm trains on the batch
+    real_batches = (x for (x,) in data.endless(train_set, DETECTOR_BATCH, cfg.get("workers", 0), seed=cfg["seed"], at_least=2))
+    extra = None
+    if detector_data:
+        extra = data.endless(data.LabelledFolder(detector_data, "train", cfg["image_size"]), DETECTOR_BATCH // 2,
+                        cfg.get("workers", 0), seed=cfg["seed"])
+    log(f"fine-tuning the detector for {steps} steps: {DETECTOR_BATCH} real + {DETECTOR_BATCH} fake images a step, "
+        f"fakes from the final G and {len(snapshots)} snapshots" + (f", plus {detector_data}" if detector_data else ""))
+    return detector.fine_tune(D, [G] + snapshots, real_batches, steps=steps, nz=cfg["nz"], device=device,
+                              image_size=cfg["image_size"], extra_batches=extra,
+                              log=lambda s, loss, ips: log(f"  detector step {s}/{steps}  loss {loss:.4f}  {ips:.0f} images/s"),
+                              log_every=max(1, steps // 10))
+
+
+def with_frame_augment(images, image_size, seed):
+    """A fixed, seeded draw of the training augmentations, for validation."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    out = detector.augment(images, detector.FrameAugment(image_size))
+    torch.set_rng_state(state)
+    return out
+
+
+def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images, inception_weights=None, detector_data=None,
+                 device="cpu", writer=None, log=print):
+    """The whole report; writes detector.pt (when detector_steps > 0) and metrics.json into run_dir, returns the report."""
+    G, D = G.to(device).eval(), D.to(device).eval()
+    nz, size, workers = cfg["nz"], cfg["image_size"], cfg.get("workers", 0)
+    split = lambda name: data.build_dataset(cfg["dataset"], cfg["data_root"], name, size, cfg["synthetic_size"])
+    valid_real = data.load_images(split("valid"), eval_images, cfg["seed"], workers)
+    test_real = data.load_images(split("test"), eval_images, cfg["seed"], workers)
+    train_set = split("train")  # listed once: the detector and the baseline both train on it
+    valid_fake = detector.fakes(G, len(valid_real), nz, device, cfg["seed"] + SEED_VALID)
+    test_fake = detector.fakes(G, len(test_real), nz, device, cfg["seed"] + SEED_TEST)
+    snapshots = checkpoint.load_snapshots(run_dir, cfg, device, exclude_epoch=epoch)
+    report = {"protocol": {
+        "real_images": cfg["dataset"] if cfg["dataset"] == "synthetic" else f"{cfg['dataset']} at {cfg['data_root']}",
+        "detector_train": "train split real images vs fakes from the final G and its snapshots, frame augmentations",
+        "threshold": f"best balanced accuracy on {len(valid_real)} valid-split real images + as many fakes, clean and augmented",
+        "test": f"{len(test_real)} test-split real images vs {len(test_fake)} fakes from unseen noise; every fake rounded to 8 bits",
+        "snapshots": len(snapshots), "gan_step": step, "gan_epoch": epoch, "image_size": size,
+    }}
+
+    # the fine-tuned detector: trained now, or the one already in run_dir
+    det_path = os.path.join(run_dir, "detector.pt")
+    det, threshold = None, None
+    valid_x = torch.cat([valid_real, valid_fake, with_frame_augment(torch.cat([valid_real, valid_fake]), size, cfg["seed"])])
+    valid_y = np.r_[np.zeros(len(valid_real)), np.ones(len(valid_fake))]
+    valid_y = np.r_[valid_y, valid_y]
+    if detector_steps > 0:
+        torch.manual_seed(cfg["seed"])
+        det = build_detector(cfg, G, D, snapshots, train_set, steps=detector_steps, device=device, detector_data=detector_data, log=log)
+        threshold = pick_threshold(detector.score_images(det, valid_x, device), valid_y)
+        checkpoint.save_detector(det_path, det, threshold, cfg, method="fine-tuned", steps=detector_steps, gan_step=step,
+                               snapshots=len(snapshots), detector_data=detector_data or "")
+        log(f"wrote {det_path} (threshold on P(fake): {threshold:.4f})")
+    elif os.path.isfile(det_path):
+        det, threshold, _, _ = checkpoint.load_detector(det_path, device)
+        log(f"using {det_path} (threshold {threshold:.4f}); pass --detector-steps N to fine-tune a new one")
+    else:
+        log("no detector.pt and --detector-steps 0: the report has the raw discriminator and the baseline only")
+
+    # the baseline, trained on the same kind of data as the detector
+    torch.manual_seed(cfg["seed"])
+    n_spec = min(SPECTRUM_TRAIN_IMAGES, len(train_set))
+    spec_real = detector.augment(data.load_images(train_set, n_spec, cfg["seed"], workers), detector.FrameAugment(size))
+    gens = [G] + snapshots
+    spec_fake = torch.cat([detector.fakes(g, max(1, n_spec // len(gens)), nz, device, cfg["seed"] + 7 + i) for i, g in enumerate(gens)])
+    spec_fake = detector.augment(spec_fake, detector.FrameAugment(size))
+    spectrum = detector.fit_spectrum_baseline(spec_real, spec_fake, seed=cfg["seed"])
+    spec_threshold = pick_threshold(detector.spectrum_scores(spectrum, valid_x), valid_y)
+    report["protocol"]["spectrum_baseline"] = f"logistic regression on {len(spec_real)} + {len(spec_fake)} augmented train-split images"
+
+    scorers = {"raw_D": (lambda x: detector.score_images(D, x, device), 0.5),
+               "spectrum": (lambda x: detector.spectrum_scores(spectrum, x), spec_threshold)}
+    if det is not None:
+        scorers["fine_tuned"] = (lambda x: detector.score_images(det, x, device), threshold)
+    labels = np.r_[np.zeros(len(test_real)), np.ones(len(test_fake))]
+    report["detection"] = {}
+    for condition, x in (("clean", torch.cat([test_real, test_fake])),
+                         ("jpeg50", detector.jpeg(torch.cat([test_real, test_fake]), 50))):
+        report["detection"][condition] = {}
+        for name, (score, t) in scorers.items():
+            s = score(x)
+            report["detection"][condition][name] = detection_metrics(s, labels, threshold=t)
+            if writer is not None:
+                tag = f"test_{condition}/{name}"
+                writer.add_pr_curve(tag, torch.from_numpy(labels).bool(), torch.from_numpy(np.clip(s, 0, 1)), step)
+                writer.add_histogram(f"{tag}/scores_real", s[labels == 0], step)
+                writer.add_histogram(f"{tag}/scores_fake", s[labels == 1], step)
+                for k in ("auc", "ap", "eer", "tpr@1%fpr", "accuracy"):
+                    writer.add_scalar(f"{tag}/{k}", report["detection"][condition][name][k], step)
+
+    # how good the faces are
+    quality = {"swd_x1e3": sliced_wasserstein(test_real, test_fake),
+               "swd_protocol": f"{len(test_real)} test-split real vs {len(test_fake)} fakes, 128 7x7 patches per image and level, 512 directions"}
+    inception, why = load_inception(inception_weights)
+    if inception is None:
+        quality["fid"] = None
+        quality["fid_skipped"] = why
+        log(why)
+    else:
+        feats = [inception_features(inception, x) for x in (test_real, test_fake)]
+        quality.update(fid_kid(*feats))
+        quality["fid_protocol"] = (f"{len(test_fake)} fakes against {len(test_real)} test-split real images at {size}x{size} "
+                                   "(published CelebA-64 numbers use 50k samples against all images and are lower)")
+    report["generator"] = quality
+    if writer is not None:
+        for k, v in quality["swd_x1e3"].items():
+            writer.add_scalar(f"test/swd/{k}", v, step)
+        if quality.get("fid") is not None:
+            writer.add_scalar("test/fid", quality["fid"], step)
+            writer.add_scalar("test/kid_x1e3", quality["kid_x1e3"], step)
+
+    tmp = os.path.join(run_dir, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "metrics.json"))
+    log(summary_table(report))
+    return report
+
+
+def summary_table(report):
+    rows = ["| test images | detector | AUC | AP | EER | TPR@1%FPR | accuracy @ threshold |", "|---|---|---|---|---|---|---|"]
+    for condition, by_name in report["detection"].items():
+        for name, m in by_name.items():
+            rows.append(f"| {condition} | {name} | {m['auc']:.4f} | {m['ap']:.4f} | {m['eer']:.4f} | {m['tpr@1%fpr']:.4f} | "
+                        f"{m['accuracy']:.4f} @ {m['threshold']:.3g} |")
+    g = report["generator"]
+    rows.append(f"\nSWD x1e3 (avg over levels): {g['swd_x1e3']['avg']:.2f}  "
+                + ("FID: " + f"{g['fid']:.2f}, KID x1e3: {g['kid_x1e3']:.2f}" if g.get("fid") is not None else "FID: skipped"))
+    return "\n".join(rows)

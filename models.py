@@ -1,20 +1,18 @@
-"""The DCGAN generator and discriminator (Radford, Metz & Chintala 2015), and their checkpoints.
+"""The DCGAN generator and discriminator (Radford, Metz & Chintala 2015), and one training step of the pair.
 
 Both networks are built from the image size: the generator starts from a 4x4 map and
 doubles it until it reaches `image_size`; the discriminator mirrors it. At 64x64 they are
 exactly the networks of the paper and of the PyTorch DCGAN example.
 """
 
-import os
+import contextlib
 
 import torch
 import torch.nn as nn
-
-from errors import UserError
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 IMAGE_SIZES = (32, 64, 128, 256)
-CHECKPOINT_FORMAT = 1
-SHAPE_KEYS = ("nz", "ngf", "ndf", "channels", "image_size")  # what a checkpoint's networks are built from
 
 
 def _width(base, image_size, resolution):
@@ -107,69 +105,53 @@ def build_models(cfg):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one dict, written atomically, read with weights_only=True
+# the GAN step
 
-def save_checkpoint(state, path):
-    """Write to a temporary file and rename it, so a crash mid-write never destroys the last good one."""
-    state = {"format": CHECKPOINT_FORMAT, **state}
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, or a power cut could publish an empty file
-    os.replace(tmp, path)
+def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, scaler=None):
+    """One DCGAN step on a batch of real images; returns detached statistics (no host sync).
 
+    G and D may be DistributedDataParallel wrappers; autocast makes a mixed-precision context
+    and scaler is the fp16 GradScaler (None for fp32 and bf16, which need none).
+    """
+    scaler = scaler or NO_SCALER
+    b = real.shape[0]
+    ones = torch.ones(b, device=real.device)
+    zeros = torch.zeros(b, device=real.device)
+    with autocast():
+        fake = G(torch.randn(b, nz, device=real.device))
 
-def resolve_checkpoint(path):
-    """A run folder or a checkpoint file -> the checkpoint file."""
-    if os.path.isdir(path):
-        candidate = os.path.join(path, "checkpoint.pt")
-        if not os.path.isfile(candidate):
-            raise UserError(f"{path} holds no checkpoint.pt; point at a run folder that finished at least one epoch or was stopped with Ctrl-C")
-        return candidate
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; give a run folder (runs/generative_model/NAME) or its checkpoint.pt")
-    return path
+    # (1) update D: maximise log D(x) + log(1 - D(G(z))), a real batch labelled 1 and a fake batch labelled 0
+    with autocast():
+        logits_real = D(real)
+        logits_fake = D(fake.detach())
+        loss_D = F.binary_cross_entropy_with_logits(logits_real, ones) + F.binary_cross_entropy_with_logits(logits_fake, zeros)
+    opt_D.zero_grad(set_to_none=True)
+    scaler.scale(loss_D).backward()
+    scaler.step(opt_D)
 
+    # (2) update G: maximise log D(G(z)), the non-saturating loss (fakes labelled 1)
+    # D's weights are frozen for this half, so no gradient of D is computed, and under DDP none is
+    # all-reduced. The G step runs the bare discriminator rather than its DDP wrapper: the wrapper
+    # would only add its per-forward buffer broadcast and hook bookkeeping for gradients that never
+    # come. G's wrapper still averages G's gradients over the ranks.
+    D_bare = D.module if isinstance(D, DDP) else D
+    D.requires_grad_(False)  # only G's gradients are wanted: skip computing D's weight gradients
+    with autocast():
+        logits_gen = D_bare(fake)
+        loss_G = F.binary_cross_entropy_with_logits(logits_gen, ones)
+    opt_G.zero_grad(set_to_none=True)
+    scaler.scale(loss_G).backward()
+    scaler.step(opt_G)
+    scaler.update()  # once per step, after both optimizers, as GradScaler expects
+    D.requires_grad_(True)
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by main.py and check that it is one; returns the dict."""
-    path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated files, other pickles, text files: all the user's to fix
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); it may be truncated or not a PyTorch file") from None
-    if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by main.py (it has no format and config); train one with main.py or point --resume at a run folder")
-    if ckpt["format"] > CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {ckpt['format']}, newer than this code understands ({CHECKPOINT_FORMAT}); update the code")
-    missing = [k for k in SHAPE_KEYS if k not in ckpt["config"]]
-    if missing:
-        raise UserError(f"{path} has no {', '.join(missing)} in its config, so the model cannot be rebuilt from it")
-    return ckpt
-
-
-def load_state(module, state, what, path):
-    """load_state_dict(strict=True), with a one-line account of what does not fit."""
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise UserError(f"the {what} in {path} does not fit the model built from its config: {detail[:300]}") from None
+    return {
+        "loss/D": loss_D.detach(),
+        "loss/G": loss_G.detach(),
+        "D(x)": torch.sigmoid(logits_real.detach().float()).mean(),
+        "D(G(z))/D_step": torch.sigmoid(logits_fake.detach().float()).mean(),  # before D's update
+        "D(G(z))/G_step": torch.sigmoid(logits_gen.detach().float()).mean(),  # after D's update, before G's
+    }
 
 
-def require(ckpt, keys, path, use):
-    """Say in one sentence when a checkpoint-format file (a snapshot, detector.pt) lacks what a command needs."""
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise UserError(f"{path} holds no {' or '.join(missing)} (it has {', '.join(sorted(k for k in ckpt if k != 'format'))}); "
-                        f"{use} needs a run folder or its checkpoint.pt")
-
-
-def models_from_checkpoint(ckpt, path, device="cpu"):
-    """Rebuild G and D with the checkpoint's shape and load their weights."""
-    require(ckpt, ("G", "D"), path, "this command")
-    G, D = build_models(ckpt["config"])
-    load_state(G, ckpt["G"], "generator", path)
-    load_state(D, ckpt["D"], "discriminator", path)
-    return G.to(device), D.to(device)
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # scale, step and update pass straight through

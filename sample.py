@@ -4,7 +4,6 @@
     python sample.py runs/generative_model/001-celeba-64 --n 1000 --separate fakes/   # one PNG per image
 """
 
-import argparse
 import math
 import os
 import sys
@@ -12,14 +11,13 @@ import sys
 import torch
 from torchvision.utils import save_image
 
-from errors import run_cli
-from main import ArgumentParser, at_least, pick_device
-from models import draw_samples, load_checkpoint, models_from_checkpoint
+import checkpoint
+from cli import ArgumentParser, add_device_flag, at_least, pick_device, run_cli
+from models import draw_samples
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Draw images from a trained DCGAN generator.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Draw images from a trained DCGAN generator.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
     p.add_argument("--n", type=at_least(1), default=64, help="how many images")
     p.add_argument("--out", default="samples.png", help="the grid PNG")
@@ -27,7 +25,7 @@ def get_args_parser():
     p.add_argument("--separate", default=None, metavar="DIR", help="also write every image as its own PNG into DIR")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise")
     p.add_argument("--batch", type=at_least(1), default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_flag(p)
     return p
 
 
@@ -42,8 +40,8 @@ def generate(G, n, seed, batch, device):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    G, _ = models_from_checkpoint(ckpt, args.checkpoint, device)
+    ckpt = checkpoint.load(args.checkpoint)
+    G, _ = checkpoint.models_from(ckpt, args.checkpoint, device)
     images = generate(G, args.n, args.seed, args.batch, device)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

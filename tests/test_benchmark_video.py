@@ -1,13 +1,13 @@
 """benchmark.py video on a small video written here: the three ways of decoding agree, and the report is printed."""
 
 import benchmark
-import faces
+from video import sample_indices
 from test_detect import write_video
 
 
 def test_decoders_take_the_same_frames(tmp_path):
     video = write_video(tmp_path / "v.mp4", 30)
-    indices = faces.sample_indices(30, 6)
+    indices = sample_indices(30, 6)
     assert benchmark.decode_seeking(video, indices) == benchmark.decode_everything(video, indices) == len(indices)
     assert benchmark.decode_ours(video, 6) == len(indices)
 

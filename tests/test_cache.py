@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cache  # noqa: E402
 import data  # noqa: E402
 import main  # noqa: E402
-from errors import UserError  # noqa: E402
-from models import load_checkpoint  # noqa: E402
+from cli import UserError  # noqa: E402
+from checkpoint import load as load_checkpoint  # noqa: E402
 
 
 def make_images(folder, n, seed=0, broken=()):
@@ -171,7 +171,7 @@ def test_precision_flags_on_cpu(tmp_path):
 def test_ranks_split_every_global_batch(tmp_path):
     files = make_images(tmp_path / "img", 8)
     cached = cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=1)
-    order, cpu = main.epoch_order(8, 0, 0), torch.device("cpu")
+    order, cpu = data.epoch_order(8, 0, 0), torch.device("cpu")
     whole = [x for x, _ in cache.batches(cached.images, order, 0, 2, 4, 0, 1, cpu)]
     shares = [[x for x, _ in cache.batches(cached.images, order, 0, 2, 4, rank, 2, cpu)] for rank in (0, 1)]
     assert len(whole) == 2 and whole[0].shape[0] == 4 and shares[0][0].shape[0] == 2

@@ -13,7 +13,7 @@ from PIL import Image
 import main
 import sample
 from helpers import train_args
-from models import save_checkpoint
+import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,10 +63,11 @@ def test_a_checkpoint_from_a_different_model_is_refused(tmp_path):
     path = tmp_path / "r" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"]["ndf"] = 16  # says ndf 16, holds ndf 8 weights
-    save_checkpoint(ckpt, str(tmp_path / "other.pt"))
+    del ckpt["format"], ckpt["kind"]
+    checkpoint.save(ckpt, str(tmp_path / "other.pt"), "training")
     assert_one_clear_line(run("main.py", "--resume", str(tmp_path / "other.pt")), "does not fit")
     torch.save({"model": torch.zeros(3)}, tmp_path / "foreign.pt")
-    assert_one_clear_line(run("sample.py", str(tmp_path / "foreign.pt")), "not a checkpoint written by main.py")
+    assert_one_clear_line(run("sample.py", str(tmp_path / "foreign.pt")), "not a checkpoint written by this project")
     (tmp_path / "text.pt").write_text("hello")
     assert_one_clear_line(run("sample.py", str(tmp_path / "text.pt")), "cannot read checkpoint")
     assert_one_clear_line(run("sample.py", str(tmp_path / "missing")), "does not exist")
@@ -105,4 +106,4 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
 def test_sampling_a_file_without_a_generator_and_discriminator_says_so(tmp_path):
     main.main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
     snapshot = next((tmp_path / "r" / "snapshots").iterdir())
-    assert_one_clear_line(run("sample.py", str(snapshot)), "holds no D", "needs a run folder")
+    assert_one_clear_line(run("sample.py", str(snapshot)), "is a snapshot file", "give the run folder")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import data
-from errors import UserError
+from cli import UserError
 from helpers import write_jpegs
 
 NAMES = [f"{i:06d}.jpg" for i in range(1, 13)]

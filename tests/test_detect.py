@@ -16,13 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint as ckpt_file
 import data
 import detect
 import faces
 import main
-from detector import fake_scores, load_detector
-from errors import UserError
-from models import build_models, save_checkpoint
+from checkpoint import load_detector
+from cli import UserError
+from detector import fake_scores
+from models import build_models
+from video import open_video, sample_indices
 
 FACE_SEED = 1  # a drawing the cascade finds in every frame below
 W, H = 160, 120
@@ -80,9 +83,9 @@ def checkpoint(tmp_path_factory):
                 b.uniform_(0.5, 2)
     opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
-    save_checkpoint({"config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+    ckpt_file.save({"config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                      "opt_D": opt_D.state_dict(), "epoch": 0, "done_in_epoch": 0, "step": 0,
-                     "fixed_noise": torch.randn(4, cfg["nz"]), "rng": {"torch": torch.get_rng_state(), "cuda": None}}, path)
+                     "fixed_noise": torch.randn(4, cfg["nz"]), "rng": {"torch": torch.get_rng_state(), "cuda": None}}, path, "training")
     return str(path)
 
 
@@ -104,11 +107,11 @@ def test_the_drawn_face_is_found():
 
 
 def test_sample_indices():
-    assert faces.sample_indices(100, 5) == [0, 25, 50, 74, 99]  # evenly spread, first and last included
-    assert faces.sample_indices(33, 32) == sorted(set(faces.sample_indices(33, 32)))  # never a frame twice
-    assert len(faces.sample_indices(33, 32)) == 32
-    assert faces.sample_indices(3, 32) == [0, 1, 2]
-    assert faces.sample_indices(10, 32, every=4) == [0, 4, 8]
+    assert sample_indices(100, 5) == [0, 25, 50, 74, 99]  # evenly spread, first and last included
+    assert sample_indices(33, 32) == sorted(set(sample_indices(33, 32)))  # never a frame twice
+    assert len(sample_indices(33, 32)) == 32
+    assert sample_indices(3, 32) == [0, 1, 2]
+    assert sample_indices(10, 32, every=4) == [0, 4, 8]
 
 
 @pytest.mark.parametrize("name, codec", [("v.mp4", "libx264"), ("v.mkv", "libx264"), ("v.webm", "libvpx-vp9"), ("v.avi", "mpeg4")])
@@ -116,10 +119,10 @@ def test_sampled_frames_equal_a_plain_decode(tmp_path, name, codec):
     # the decoder skips unsampled non-reference frames: what it returns must be the very frames a full decode gives
     video = write_video(tmp_path / name, 40, codec=codec)
     reference = decode_all(video)
-    info, frames = faces.open_video(video, frames=7)
+    info, frames = open_video(video, frames=7)
     got = list(frames)
     assert info["frames_total"] == len(reference) == 40
-    assert [i for i, _, _ in got] == faces.sample_indices(40, 7)
+    assert [i for i, _, _ in got] == sample_indices(40, 7)
     for i, seconds, frame in got:
         assert np.array_equal(frame, reference[i])
         assert seconds == pytest.approx(i / 10)
@@ -134,7 +137,7 @@ def test_video_report(tmp_path, checkpoint):
     assert row["filename"] == video
     assert (row["frames"], row["frames_with_face"], row["frames_without_face"], row["faces"]) == ("8", "8", "0", "8")
     rows = read_csv(out / "frames.csv")
-    assert [int(r["frame"]) for r in rows] == faces.sample_indices(40, 8)
+    assert [int(r["frame"]) for r in rows] == sample_indices(40, 8)
     scores = [float(r["score"]) for r in rows]
     assert len(set(scores)) > 1  # the face moves, so the crops and their scores differ
     assert float(row["score"]) == pytest.approx(np.mean(scores), abs=1e-6)
@@ -145,7 +148,7 @@ def test_video_report(tmp_path, checkpoint):
 
     report = json.loads((out / "face.json").read_text())
     assert report["frames_sampled"] == 8 and report["frames_total"] == 40
-    assert [f["index"] for f in report["frames"]] == faces.sample_indices(40, 8)
+    assert [f["index"] for f in report["frames"]] == sample_indices(40, 8)
     assert report["score"] == pytest.approx(float(row["score"]), abs=1e-6)
 
     # --every K samples every K-th frame, and the threshold can be overridden
@@ -245,7 +248,8 @@ def test_checkpoint_errors_come_before_decoding(tmp_path, checkpoint):
         run_detect([video, "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["config"]["ndf"] = 16  # the weights no longer fit the model the config builds
-    save_checkpoint(ckpt, tmp_path / "mismatched.pt")
+    del ckpt["format"], ckpt["kind"]
+    ckpt_file.save(ckpt, tmp_path / "mismatched.pt", "training")
     with pytest.raises(UserError, match="does not fit"):
         run_detect([video, "--checkpoint", str(tmp_path / "mismatched.pt"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # nothing was scored or written
@@ -268,7 +272,7 @@ def test_extracted_crops_are_the_scored_crops(tmp_path, checkpoint):
     crops = tmp_path / "crops"
     assert run_detect([video, "--extract", str(crops), "--frames", "4"]) == 0  # no checkpoint needed
     files = sorted(os.listdir(crops))
-    assert files == [f"face_{i:06d}_0.png" for i in faces.sample_indices(20, 4)]
+    assert files == [f"face_{i:06d}_0.png" for i in sample_indices(20, 4)]
     out = tmp_path / "out"
     assert run_detect([video, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 0
     model, _, _, cfg = load_detector(checkpoint)
@@ -300,8 +304,6 @@ def test_a_frame_scores_its_most_fake_looking_face(tmp_path, checkpoint):
 
 def test_an_opencv_without_cascades_gets_one_clear_sentence(monkeypatch):
     import cv2
-    import faces
-    from errors import UserError
     monkeypatch.delattr(cv2, "CascadeClassifier")  # as in opencv 5, which dropped them
     with pytest.raises(UserError, match="opencv-python-headless<5"):
         faces.FaceFinder()

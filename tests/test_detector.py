@@ -4,7 +4,8 @@ import torch
 import data
 import detector
 import metrics
-from models import Discriminator, Generator, load_checkpoint
+import checkpoint
+from models import Discriminator, Generator
 
 SHAPE = {"nz": 16, "ngf": 8, "ndf": 8, "channels": 3, "image_size": 32}
 
@@ -36,7 +37,7 @@ def test_fine_tuning_raises_auc_over_the_raw_discriminator():
     G, D = tiny_gan()
     snapshot = Generator(nz=SHAPE["nz"], ngf=SHAPE["ngf"], image_size=32)
     train, test = drawn_faces(128, 0), drawn_faces(64, 2)
-    test_fake = detector.quantize(detector.sample(G, 64, SHAPE["nz"], "cpu", torch.Generator().manual_seed(5)))
+    test_fake = data.quantize(detector.sample(G, 64, SHAPE["nz"], "cpu", torch.Generator().manual_seed(5)))
     before = auc(D.eval(), test, test_fake)
     D_state = {k: v.clone() for k, v in D.state_dict().items()}
     torch.manual_seed(1)
@@ -52,9 +53,9 @@ def test_detector_and_threshold_survive_save_and_load(tmp_path):
     cfg = dict(SHAPE, dataset="synthetic")
     det = D.eval()
     images = drawn_faces(8, 3)
-    detector.save_detector(str(tmp_path / "detector.pt"), det, 0.37, cfg, kind="fine-tuned", steps=5)
-    assert {"format", "config", "detector", "threshold"} <= set(load_checkpoint(str(tmp_path / "detector.pt")))
-    loaded, threshold, kind, loaded_cfg = detector.load_detector(str(tmp_path), "cpu")  # the run folder finds detector.pt
+    checkpoint.save_detector(str(tmp_path / "detector.pt"), det, 0.37, cfg, method="fine-tuned", steps=5)
+    assert {"format", "config", "detector", "threshold"} <= set(checkpoint.load(str(tmp_path / "detector.pt"), kinds=("detector",)))
+    loaded, threshold, kind, loaded_cfg = checkpoint.load_detector(str(tmp_path), "cpu")  # the run folder finds detector.pt
     assert threshold == 0.37 and kind == "fine-tuned detector" and loaded_cfg["image_size"] == 32
     assert torch.equal(detector.fake_scores(loaded, images), detector.fake_scores(det, images))
     assert not (tmp_path / "detector.pt.tmp").exists()
@@ -78,8 +79,8 @@ def test_frame_augmentations_keep_shape_and_range_and_jpeg_changes_pixels():
     out = detector.augment(faces, detector.FrameAugment(32))
     assert out.shape == faces.shape and out.min() >= -1 and out.max() <= 1
     j = detector.jpeg(faces, 50)
-    assert j.shape == faces.shape and 0 < (j - detector.quantize(faces)).abs().mean() < 0.1
-    assert torch.equal(detector.quantize(detector.quantize(faces)), detector.quantize(faces))
+    assert j.shape == faces.shape and 0 < (j - data.quantize(faces)).abs().mean() < 0.1
+    assert torch.equal(data.quantize(data.quantize(faces)), data.quantize(faces))
 
 
 def test_spectrum_baseline_catches_upsampling_artefacts():
@@ -100,8 +101,8 @@ def test_a_runs_checkpoint_brings_its_fine_tuned_detector_along(tmp_path):
     from helpers import train_args
     train_main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
     run = tmp_path / "r"
-    assert detector.load_detector(str(run / "checkpoint.pt"))[2] == "raw discriminator"
-    model, threshold, kind, cfg = detector.load_detector(str(run))
-    detector.save_detector(str(run / "detector.pt"), model, 0.7, cfg)
+    assert checkpoint.load_detector(str(run / "checkpoint.pt"))[2] == "raw discriminator"
+    model, threshold, kind, info = checkpoint.load_detector(str(run))
+    checkpoint.save_detector(str(run / "detector.pt"), model, 0.7, info["config"])
     for path in (run, run / "checkpoint.pt", run / "detector.pt"):
-        assert detector.load_detector(str(path))[1:3] == (0.7, "fine-tuned detector")
+        assert checkpoint.load_detector(str(path))[1:3] == (0.7, "fine-tuned detector")

@@ -7,10 +7,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import data
-import detector
+import checkpoint
 import evaluate
 import main
-from errors import run_cli
+from cli import run_cli
 from test_metrics import random_inception_weights  # noqa: F401 (a fixture shared with test_metrics.py)
 
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "64", "--batch", "16", "--ngf", "8", "--ndf", "8",
@@ -26,7 +26,7 @@ def trained_run(tmp_path_factory):
 
 def test_training_keeps_snapshots_and_writes_detector_and_report(trained_run):
     assert sorted(os.listdir(os.path.join(trained_run, "snapshots"))) == ["G_epoch001.pt", "G_epoch002.pt"]
-    model, threshold, kind, cfg = detector.load_detector(trained_run)
+    model, threshold, kind, cfg = checkpoint.load_detector(trained_run)
     assert kind == "fine-tuned detector" and 0 < threshold < 1 and not model.training
     with open(os.path.join(trained_run, "metrics.json")) as f:
         report = json.load(f)

@@ -6,7 +6,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main
-from errors import UserError
+from cli import UserError
 from helpers import train_args, write_jpegs
 from models import build_models
 

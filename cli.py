@@ -1,0 +1,127 @@
+"""What every program's command line shares: the parser, flag validators, --device and --precision, user errors.
+
+A mistake the user can fix (bad input, a missing dataset, a checkpoint that does not fit)
+is a `UserError`; `run_cli` prints it as one line and exits with status 2. Bugs raise
+anything else and keep their traceback.
+"""
+
+import argparse
+import copy
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix; programs print it as one sentence, not a traceback."""
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        # One line instead of a usage block: the user needs the mistake, --help has the rest.
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def explicit_flags(parser, argv):
+    """The flags the user typed, as opposed to defaults: parse again with every default suppressed."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# validators for type=
+
+def at_least(lo, kind=int):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {text}")
+        return value
+    return parse
+
+
+def one_of(values, what="one of"):
+    def parse(text):
+        value = at_least(1)(text)
+        if value not in values:
+            raise argparse.ArgumentTypeError(f"must be {what} ({', '.join(map(str, values))}), got {text}")
+        return value
+    return parse
+
+
+def below_one(text):
+    """A number in [0, 1): Adam's beta1."""
+    value = at_least(0.0, float)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def probability(text):
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# --device and --precision
+
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asks for CUDA, but PyTorch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def use_fast_cuda_kernels(device):
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: find the fastest convolutions once
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 work; GAN training does not need fp32's last bits
+        torch.backends.cudnn.allow_tf32 = True
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_precision(name, device):
+    """--precision -> (name, None for fp32 or the autocast dtype); bf16 where the GPU has it, fp16 only on CUDA."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU (CPUs have no fast fp16 arithmetic); on CPU use fp32 or bf16")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or fp32")
+    return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -1,0 +1,130 @@
+"""Videos and images as frames: opening, choosing which frames to look at, decoding them in one pass."""
+
+import os
+
+import av
+import numpy as np
+from PIL import Image
+
+from cli import UserError
+from data import IMAGE_EXTENSIONS
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+def media_kind(path):
+    """'video', 'image' or None, from the file name."""
+    ext = os.path.splitext(path)[1].lower()
+    return "video" if ext in VIDEO_EXTENSIONS else "image" if ext in IMAGE_EXTENSIONS else None
+
+
+# -----------------------------------------------------------------------------
+# frames
+
+def sample_indices(n, frames=32, every=None):
+    """Which of n frames to look at: every `every`-th, or `frames` spread evenly from first to last."""
+    if every is not None:
+        return list(range(0, n, every))
+    if n <= frames:
+        return list(range(n))
+    # the spacing is at least one frame, so rounding never picks a frame twice
+    return np.linspace(0, n - 1, frames).round().astype(int).tolist()
+
+
+def _ffmpeg_message(e):
+    return getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _open(path):
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise UserError(f"cannot be decoded as a video ({_ffmpeg_message(e)}); it may be truncated or not a video") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError("holds no video stream")
+    return container
+
+
+def open_video(path, frames=32, every=None):
+    """Probe a video and choose its frames -> (info dict, iterator of (index, seconds, RGB array)).
+
+    The frames are decoded in one sequential pass; no seeking, which would decode from the
+    previous keyframe for every sampled frame. Frames that are not sampled and that no other
+    frame refers to (H.264's B-frames, mostly) are skipped by the decoder: a third less
+    decoding work on the 720p benchmark video.
+    """
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        # Demuxing without decoding is cheap: it counts the frames exactly, where the
+        # container's own count (stream.frames) is often missing (webm, mkv) or approximate.
+        try:
+            pts = [p.pts for p in container.demux(stream) if p.size]
+        except av.FFmpegError as e:
+            raise UserError(f"cannot be read ({_ffmpeg_message(e)}); it may be truncated") from None
+        info = {"width": stream.width, "height": stream.height,
+                "fps": float(stream.average_rate or stream.guessed_rate or 0), "frames_total": len(pts), "decode_errors": 0}
+    if not pts:
+        raise UserError("holds no frames (an empty video)")
+    indices = sample_indices(len(pts), frames, every)
+    info["frames_sampled"] = len(indices)
+    if any(p is None for p in pts):  # no timestamps: count decoded frames instead and decode them all
+        return info, _decode_by_order(path, set(indices))
+    order = sorted(pts)  # decode order -> presentation order
+    wanted = {order[i]: i for i in indices}
+    return info, _decode_by_pts(path, wanted, info)
+
+
+def _decode_by_pts(path, wanted, info):
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        ctx = stream.codec_context
+        left = len(wanted)
+        for packet in container.demux(stream):
+            ctx.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError:  # one corrupt packet costs its frames, not the video
+                info["decode_errors"] += 1
+                continue
+            for frame in decoded:
+                if frame.pts in wanted:
+                    yield wanted[frame.pts], float(frame.time or 0.0), frame.to_ndarray(format="rgb24")
+                    left -= 1
+            if left == 0:
+                return
+
+
+def _decode_by_order(path, wanted):
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        i = 0
+        try:
+            for frame in container.decode(stream):
+                if i in wanted:
+                    yield i, float(frame.time or 0.0), frame.to_ndarray(format="rgb24")
+                i += 1
+        except av.FFmpegError as e:
+            raise UserError(f"stopped decoding at frame {i} ({_ffmpeg_message(e)})") from None
+
+
+def read_image(path):
+    """An image file as an RGB array."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # truncated, not an image, unreadable: the user's to fix
+        raise UserError(f"cannot be decoded as an image ({type(e).__name__})") from None
+
+
+def input_frames(path, kind, frames=32, every=None):
+    """-> (info, iterator of (index, seconds, RGB frame)); raises UserError for an input that cannot be read."""
+    if os.path.getsize(path) == 0:
+        raise UserError("is an empty file (0 bytes)")
+    if kind == "image":
+        frame = read_image(path)
+        info = {"width": frame.shape[1], "height": frame.shape[0], "fps": 0.0, "frames_total": 1, "frames_sampled": 1, "decode_errors": 0}
+        return info, iter([(0, 0.0, frame)])
+    return open_video(path, frames, every)
