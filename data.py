@@ -315,17 +315,24 @@ LABELS = {"real": 0, "fake": 1}  # detector labels: 1 = fake, as P(fake) counts 
 DEFAULT_GROUP = r"^(.*?)(?:_\d+)*$"  # the file stem without trailing _N: Keanu_Reeves_0 and _1 are one identity
 
 
-def labelled_media(root, extensions):
-    """DIR/real/** and DIR/fake/** -> [(path, label)], label 1 for fake; files with other extensions are passed over."""
+def labelled_media(root, extensions, loose=False):
+    """DIR/real/** and DIR/fake/** -> [(path, label)], label 1 for fake; files with other extensions are passed over.
+
+    loose: also take every other subfolder whose name starts with real or fake (real-extra/,
+    fake-dfdc/...), and accept a folder with one class only (to count false alarms on real videos).
+    """
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder; give a folder with real/ and fake/ subfolders of videos or face images")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d.startswith(tuple(LABELS))) if loose else list(LABELS)
     missing = [c for c in LABELS if not os.path.isdir(os.path.join(root, c))]
-    if missing:
+    if (missing and not loose) or not names:
         raise UserError(f"{root} needs two subfolders, real/ and fake/, of videos or face images (it has no {' or '.join(m + '/' for m in missing)})")
     items = []
-    for name, label in LABELS.items():
+    for name in names:
         files = list_images(os.path.join(root, name), extensions)
-        if not files:
+        if not files and not loose:
             raise UserError(f"no videos or images under {os.path.join(root, name)}; put the {name} ones there")
-        items += [(f, label) for f in files]
+        items += [(f, LABELS["fake" if name.startswith("fake") else "real"]) for f in files]
     return items
 
 

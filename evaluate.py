@@ -3,6 +3,8 @@
     python evaluate.py runs/generative_model/001-celeba-64                      # metrics.json, TensorBoard
     python evaluate.py runs/generative_model/001-celeba-64 --detector-steps 2000  # (re)fine-tune detector.pt first
     python evaluate.py RUN --inception-weights weights-inception-2015-12-05-6726825d.pth   # adds FID and KID
+    python evaluate.py RUN --videos deepfakes/ --part test   # the detector, per video, on its held-out identities
+    python evaluate.py RUN --videos other_dataset/           # ... or on any folder of real*/ and fake*/ videos
 
 Everything is written next to the checkpoint: detector.pt (when fine-tuning), metrics.json
 and TensorBoard scalars, PR curves and score histograms under the run's own log.
@@ -40,12 +42,70 @@ def get_args_parser():
     p.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default=None, help="override the run's dataset")
     p.add_argument("--data-root", default=None, help="override the run's data root (the data moved)")
     p.add_argument("--workers", type=at_least(0), default=None, help="DataLoader processes (default: the run's)")
+    g = p.add_argument_group("the detector on labelled videos (instead of the GAN report)")
+    g.add_argument("--videos", default=None, metavar="DIR",
+                   help="score every video under DIR's real*/ and fake*/ subfolders with the run's detector, as detect.py does, and report per video: "
+                        "AUC, AP, EER, accuracy and false alarms at the stored threshold, per subfolder and overall")
+    g.add_argument("--cache-dir", default="data/cache", help="face crops are cached here, as train_detector.py caches them")
+    g.add_argument("--part", choices=("train", "valid", "test"), default=None,
+                   help="with --videos: only the files of this part of the split stored in detector.pt (its data folder)")
     add_device_flag(p)
     return p
 
 
+def evaluate_videos(args):
+    """--videos DIR: the detector's video-level report, as JSON beside detector.pt and a table."""
+    import argparse
+    import json
+
+    import numpy as np
+    from tqdm import tqdm
+
+    import cache
+    import data
+    import detector
+    import faces
+    from cli import UserError
+    from video import VIDEO_EXTENSIONS, media_kind
+
+    device = pick_device(args.device)
+    model, threshold, kind, info = checkpoint.load_detector(args.run, device)
+    items = data.labelled_media(args.videos, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS, loose=True)
+    if args.part:
+        if "split" not in info:
+            raise UserError(f"--part needs a detector.pt written by train_detector.py (it stores the split); {args.run} has a {kind}")
+        chosen = {os.path.abspath(f) for f in info["split"][args.part]["files"]}
+        items = [(p, label) for p, label in items if os.path.abspath(p) in chosen]
+        if not items:
+            raise UserError(f"none of the files under {args.videos} is in the detector's {args.part} part (it was trained on {info['data']})")
+    settings = info.get("faces", {"faces": "haar", "max_faces": 1, "detect_size": 320})
+    frames = info.get("frames", 32)
+    finder, settings = faces.from_flags(argparse.Namespace(**settings))
+    cache_dir = args.cache_dir
+    scores = []
+    for path, _ in tqdm(items, desc="videos", unit="video", dynamic_ncols=True):
+        try:
+            crops = cache.media_faces(path, media_kind(path), finder, settings, frames, info["image_size"], cache_dir)
+        except UserError as e:
+            tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
+            crops = np.zeros((0,))
+        scores.append(detector.video_scores(model, [crops], device)[0])
+    report = metrics.video_evaluation(items, scores, threshold, args.videos)
+    report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(args.videos))
+    print(f"{kind} of {args.run} on {len(items)} videos under {args.videos}" + (f" ({args.part} part)" if args.part else ""))
+    print(metrics.video_evaluation_table(report))
+    name = "videos-" + os.path.basename(os.path.normpath(args.videos)) + (f"-{args.part}" if args.part else "") + ".json"
+    out = os.path.join(checkpoint.run_dir_of(args.run), name)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.videos:
+        return evaluate_videos(args)
     ckpt = checkpoint.load(args.run)
     path = checkpoint.resolve(args.run)
     run_dir = os.path.dirname(os.path.abspath(path))

@@ -72,6 +72,37 @@ def video_table(reports):
     return "\n".join(rows)
 
 
+def video_evaluation(items, scores, threshold, root):
+    """[(path, label 1 = fake)] and their video scores (NaN: no face) -> overall metrics and one entry per subfolder of root.
+
+    A video without a face has no score: it is counted, and left out of the metrics.
+    """
+    scores, labels = np.asarray(scores, dtype=float), np.array([label for _, label in items])
+    scored = ~np.isnan(scores)
+    report = {"threshold": float(threshold), "videos": len(items), "no_face": int((~scored).sum()), "subfolders": {},
+              "files": {path: {"label": int(label), "score": None if np.isnan(s) else float(s)} for (path, label), s in zip(items, scores)}}
+    if len(set(labels[scored])) == 2:
+        report["overall"] = detection_metrics(scores[scored], labels[scored], threshold)
+    for sub in sorted({os.path.relpath(p, root).split(os.sep)[0] for p, _ in items}):
+        inside = np.array([os.path.relpath(p, root).split(os.sep)[0] == sub for p, _ in items]) & scored
+        s = scores[inside]
+        report["subfolders"][sub] = {"label": "fake" if labels[inside].mean() > 0.5 else "real" if inside.any() else None,
+                                     "videos": int(inside.sum()), "mean_score": float(s.mean()) if len(s) else None,
+                                     "called_fake": int((s >= threshold).sum())}
+    return report
+
+
+def video_evaluation_table(report):
+    rows = ["| subfolder | label | videos scored | mean P(fake) | called fake |", "|---|---|---|---|---|"]
+    for sub, r in report["subfolders"].items():
+        mean = "" if r["mean_score"] is None else f"{r['mean_score']:.3f}"
+        rows.append(f"| {sub} | {r['label']} | {r['videos']} | {mean} | {r['called_fake']} of {r['videos']} |")
+    if "overall" in report:
+        rows.append("\n" + video_table({"overall": report["overall"]}))
+    rows.append(f"\nthreshold on P(fake) {report['threshold']:.4g}; {report['no_face']} of {report['videos']} videos without a face left out")
+    return "\n".join(rows)
+
+
 def score_chart(scores, labels, threshold=None, bins=20, width=320, height=120):
     """Real (green) and fake (red) score histograms on one chart, the threshold as a line -> (3, H, W) uint8 tensor for TensorBoard."""
     from PIL import Image, ImageDraw
