@@ -121,6 +121,17 @@ def score_chart(scores, labels, threshold=None, bins=20, width=320, height=120):
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
+def roc_chart(scores, labels, size=160):
+    """The ROC curve (false-positive rate across, true-positive rate up) with the chance diagonal -> (3, H, W) uint8 tensor."""
+    from PIL import Image, ImageDraw
+    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(int), np.nan_to_num(np.asarray(scores, dtype=float)))
+    im = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(im)
+    d.line([0, size - 1, size - 1, 0], fill=(180, 180, 180))
+    d.line([(x * (size - 1), (1 - y) * (size - 1)) for x, y in zip(fpr, tpr)], fill=(30, 80, 200), width=2)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
 def equal_error_rate(fpr, tpr):
     """Where the miss rate (1 - TPR) equals the false-positive rate, linearly interpolated on the ROC."""
     fnr = 1 - tpr

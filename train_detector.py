@@ -205,7 +205,8 @@ def main(argv=None):
         writer.add_scalar("detector/valid_auc", m["auc"], step)
         writer.add_scalar("detector/valid_ap", m["ap"], step)
         writer.add_pr_curve("detector/valid_pr", torch.from_numpy(valid_labels).bool(), torch.from_numpy(np.nan_to_num(scores)), step)
-        writer.add_image("detector/valid_scores", metrics.score_chart(scores, valid_labels), step)
+        writer.add_image("detector/valid_scores", metrics.score_chart(scores, valid_labels), step)  # real and fake on one chart
+        writer.add_image("detector/valid_roc", metrics.roc_chart(scores, valid_labels), step)
 
     t0 = time.time()
     try:
