@@ -94,7 +94,9 @@ def evaluate_videos(args):
     report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(args.videos))
     print(f"{kind} of {args.run} on {len(items)} videos under {args.videos}" + (f" ({args.part} part)" if args.part else ""))
     print(metrics.video_evaluation_table(report))
-    name = "videos-" + os.path.basename(os.path.normpath(args.videos)) + (f"-{args.part}" if args.part else "") + ".json"
+    # beside the detector, named after it and the folder: detector-videos-deepfakes-test.json
+    det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
+    name = f"{det_name}-videos-{os.path.basename(os.path.normpath(args.videos))}" + (f"-{args.part}" if args.part else "") + ".json"
     out = os.path.join(checkpoint.run_dir_of(args.run), name)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)

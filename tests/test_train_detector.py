@@ -141,7 +141,7 @@ def test_train_detector_writes_a_detector_that_detect_uses_at_its_size(tmp_path,
         evaluate.main([gan_run, "--videos", str(folder), "--part", "test"])  # the run has only its raw discriminator
     shutil.copy(out, os.path.join(gan_run, "detector.pt"))
     assert evaluate.main([gan_run, "--videos", str(folder), "--part", "test", "--cache-dir", str(tmp_path / "cache")]) == 0
-    with open(os.path.join(gan_run, f"videos-{folder.name}-test.json")) as f:
+    with open(os.path.join(gan_run, f"detector-videos-{folder.name}-test.json")) as f:
         evaluated = json.load(f)
     assert sorted(evaluated["files"]) == sorted(info["split"]["test"]["files"])
     assert evaluated["overall"]["auc"] == pytest.approx(info["test"]["auc"])
