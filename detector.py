@@ -277,19 +277,26 @@ def _smooth_noise(n, size, cells, generator):
 
 def blend_masks(n, size, generator=None):
     """(n, 1, size, size) soft masks in [0, 1]: an ellipse over the inner face, its outline bent by smooth noise,
-    its edge blurred by a random width, and its strength scaled by a random blend ratio (1 half the time)."""
+    its edge blurred by a random width, and its strength scaled by a random blend ratio (1 half the time).
+
+    Drawn and blurred at 64 px at most and scaled up: the mask is smooth, and a wide blur at full size costs more
+    than the rest of a training batch.
+    """
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=generator)
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    work = min(size, 64)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, work), torch.linspace(0, 1, work), indexing="ij")
     cx, cy = 0.5 + u(-0.03, 0.03), FACE_CENTRE_Y + u(-0.05, 0.03)
     rx, ry = FACE_HALF * u(0.75, 1.05), FACE_HALF * u(0.95, 1.3)  # from the cheeks, brow to chin
     d = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2
-    d = d + 0.35 * _smooth_noise(n, size, 5, generator)  # a deformed outline, as the paper's landmark hull is
+    d = d + 0.35 * _smooth_noise(n, work, 5, generator)  # a deformed outline, as the paper's landmark hull is
     hard = (d < 1).float()
     out = torch.empty_like(hard)
     for i in range(n):  # a soft edge of its own width for every mask
-        sigma = float(u(0.01, 0.06)[0]) * size
+        sigma = float(u(0.01, 0.06)[0]) * work
         k = int(2 * round(3 * sigma) + 1)
         out[i] = TF.gaussian_blur(hard[i], [k, k], [sigma, sigma])
+    if work < size:
+        out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False)
     ratio = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, torch.ones(n, 1, 1, 1), u(0.4, 1.0))
     return out * ratio
 
