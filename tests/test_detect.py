@@ -431,7 +431,7 @@ def test_report_html_names_every_input_and_embeds_its_images(tmp_path, checkpoin
     for path in videos + [str(folder / "broken.mp4")]:
         assert html.escape(path) in page
     assert "http://" not in page and "https://" not in page  # nothing to fetch: it opens offline
-    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    images = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', page)
     assert len(images) == 8  # the scored crops of the two videos with a face, 4 each
     with Image.open(io.BytesIO(base64.b64decode(images[0]))) as im:
         assert im.size == (32, 32)  # the model's input
@@ -466,3 +466,11 @@ def test_an_annotation_that_cannot_be_written_loses_no_report(tmp_path, checkpoi
     assert sum(line.startswith(f"error: {video}: the annotated copy") for line in err.splitlines()) == 1
     [row] = read_csv(out / "summary.csv")
     assert row["verdict"] in ("real", "fake") and (out / "report.html").exists() and (out / "face.json").exists()
+
+
+def test_tracks_follow_a_moving_head_and_keep_people_apart():
+    person, other = (100, 50, 100, 130), (400, 60, 95, 125)
+    moved = (180, 90, 100, 130)  # 0.9 face widths on, as a swaying head between sampled frames
+    frames = [[person, other], [other, moved], [], [(185, 92, 98, 128)], [(600, 300, 30, 40)]]
+    assert faces.link_tracks(frames) == [[0, 1], [1, 0], [], [0], [2]]
+    assert faces.main_tracks(frames, faces.link_tracks(frames), 1) == {0}  # seen in the most frames
