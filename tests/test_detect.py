@@ -379,9 +379,11 @@ def test_a_face_in_a_rotated_video_is_found(tmp_path):
     finder, _ = faces.from_flags(detect.get_args_parser().parse_args([str(path)]))
     assert finder(decode_all(path)[0]) == [], "the face on its side is not found: the test would pass without turning"
     _, frames = open_video(str(path), frames=4)
-    for _, _, frame in frames:
+    for i, _, frame in frames:
         assert frame.shape == (H, W, 3)
         assert len(finder(frame)) == 1
+        error = lambda target: np.abs(frame.astype(int) - target).mean()
+        assert error(frame_with_face(i)) < 10 < error(np.rot90(frame_with_face(i), 2))  # upright, not upside down
 
 
 def write_lossless(path, frames):
