@@ -181,7 +181,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
 
 def data_uri(pixels):
     buffer = io.BytesIO()
-    # JPEG at 90: a quarter of PNG's size (the 67 development videos' page: 11 MB as PNG), no difference at 40 px
+    # JPEG at 90: 2.8 kB a 64-px crop against 9.6 kB as PNG (67 videos: a 2.6 MB page), and no visible difference at 40 px
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 

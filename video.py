@@ -36,7 +36,7 @@ def upright(frame):
 
     Phones store a portrait video as landscape pixels plus a display rotation; a face lying on
     its side is invisible to the face finders. PyAV gives that rotation per frame, in degrees
-    counter-clockwise (0 in PyAV before 14, which did not read it), and np.rot90 turns
+    counter-clockwise (an older PyAV without frame.rotation leaves frames as stored), and np.rot90 turns
     counter-clockwise for positive k.
     """
     rgb = frame.to_ndarray(format="rgb24")
