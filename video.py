@@ -13,9 +13,9 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
 def media_kind(path):
-    """'video', 'image' or None, from the file name."""
-    ext = os.path.splitext(path)[1].lower()
-    return "video" if ext in VIDEO_EXTENSIONS else "image" if ext in IMAGE_EXTENSIONS else None
+    """'video', 'image' or None, from the file name's ending (as data.list_images matches it, so '.mp4' is a video too)."""
+    name = os.path.basename(path).lower()
+    return "video" if name.endswith(VIDEO_EXTENSIONS) else "image" if name.endswith(IMAGE_EXTENSIONS) else None
 
 
 # -----------------------------------------------------------------------------
@@ -29,6 +29,19 @@ def sample_indices(n, frames=32, every=None):
         return list(range(n))
     # the spacing is at least one frame, so rounding never picks a frame twice
     return np.linspace(0, n - 1, frames).round().astype(int).tolist()
+
+
+def upright(frame):
+    """A decoded av.VideoFrame -> its RGB array turned the way the video is meant to be shown.
+
+    Phones store a portrait video as landscape pixels plus a display rotation; a face lying on
+    its side is invisible to the face finders. PyAV gives that rotation per frame, in degrees
+    counter-clockwise (an older PyAV without frame.rotation leaves frames as stored), and np.rot90 turns
+    counter-clockwise for positive k.
+    """
+    rgb = frame.to_ndarray(format="rgb24")
+    k = round(getattr(frame, "rotation", 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
 def _ffmpeg_message(e):
@@ -90,7 +103,7 @@ def _decode_by_pts(path, wanted, info):
                 continue
             for frame in decoded:
                 if frame.pts in wanted:
-                    yield wanted[frame.pts], float(frame.time or 0.0), frame.to_ndarray(format="rgb24")
+                    yield wanted[frame.pts], float(frame.time or 0.0), upright(frame)
                     left -= 1
             if left == 0:
                 return
@@ -104,7 +117,7 @@ def _decode_by_order(path, wanted):
         try:
             for frame in container.decode(stream):
                 if i in wanted:
-                    yield i, float(frame.time or 0.0), frame.to_ndarray(format="rgb24")
+                    yield i, float(frame.time or 0.0), upright(frame)
                 i += 1
         except av.FFmpegError as e:
             raise UserError(f"stopped decoding at frame {i} ({_ffmpeg_message(e)})") from None

