@@ -23,9 +23,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from data import normalize_uint8, preprocess, quantize, to_float, to_uint8
@@ -288,6 +285,9 @@ def spectrum_features(images):
 
 def fit_spectrum_baseline(real, fake, seed=0):
     """A logistic regression on spectrum features; predict_proba[:, 1] is P(fake)."""
+    from sklearn.linear_model import LogisticRegression  # here, not at the top: detect.py starts faster without it
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     x = np.concatenate([spectrum_features(real), spectrum_features(fake)])
     y = np.concatenate([np.zeros(len(real)), np.ones(len(fake))])
     model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
