@@ -124,7 +124,7 @@ def train_args(tmp_path, root, *extra):
 
 def run(argv):
     cfg, ckpt = main.make_config(argv)
-    return main.train(cfg, ckpt), load_checkpoint(cfg["run_dir"])
+    return main.train(cfg, ckpt), load_checkpoint(cfg.run_dir)
 
 
 def test_cache_and_plain_loader_train_the_same(tmp_path):

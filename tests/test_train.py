@@ -46,7 +46,7 @@ def test_a_short_run_writes_events_config_samples_and_a_checkpoint(tmp_path):
 
 def run_to_end(logdir, *extra):
     cfg, ckpt = main.make_config(train_args(logdir, "--epochs", "2", *extra))
-    return main.train(cfg, ckpt), cfg["run_dir"]
+    return main.train(cfg, ckpt), cfg.run_dir
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at an epoch's end
@@ -69,7 +69,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, stop_at):
 def test_resume_may_extend_training_but_not_change_the_model(tmp_path):
     _, run_dir = run_to_end(tmp_path, "--run-name", "r")
     cfg, ckpt = main.make_config(train_args(tmp_path, "--resume", run_dir, "--epochs", "3"))
-    assert cfg["epochs"] == 3 and cfg["ngf"] == 8 and ckpt["step"] == 8
+    assert cfg.epochs == 3 and cfg.ngf == 8 and ckpt["step"] == 8
     assert main.train(cfg, ckpt)["step"] == 12
     with pytest.raises(UserError, match="--ngf 16 differs from the checkpoint's 8"):
         main.make_config(["--resume", run_dir, "--ngf", "16"])
@@ -79,7 +79,7 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path):
     main.main(train_args(tmp_path, "--max-steps", "1", "--run-name", "r"))
     with pytest.raises(UserError, match="--resume"):
         main.make_config(train_args(tmp_path, "--run-name", "r"))
-    assert main.make_config(train_args(tmp_path))[0]["run_dir"].endswith("001-synthetic-32")
+    assert main.make_config(train_args(tmp_path))[0].run_dir.endswith("001-synthetic-32")
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
