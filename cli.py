@@ -154,8 +154,10 @@ def write_atomically(path, write):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, or a power cut could publish an empty file
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise UserError(f"cannot write {path} ({e.strerror or e}); free space in {os.path.dirname(os.path.abspath(path))} "
                         "or make it writable, then run again (the last good file is untouched)") from None
