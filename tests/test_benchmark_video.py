@@ -1,8 +1,8 @@
 """benchmark.py video on a small video written here: the three ways of decoding agree, and the report is printed."""
 
 import benchmark
+from helpers import write_video
 from video import sample_indices
-from test_detect import write_video
 
 
 def test_decoders_take_the_same_frames(tmp_path):
@@ -12,10 +12,20 @@ def test_decoders_take_the_same_frames(tmp_path):
     assert benchmark.decode_ours(video, 6) == len(indices)
 
 
-def test_bench_video_prints_each_measurement(tmp_path, capsys):
+def test_bench_video_prints_each_measurement_and_says_faster_only_when_it_is(tmp_path, capsys, monkeypatch):
     video = write_video(tmp_path / "v.mp4", 12)
+    real_timed, walls = benchmark.timed, [2.0, 0.5, 1.0]  # seeking, every frame, ours: between the two
+
+    def timed(fn, repeat):
+        if not walls:
+            return real_timed(fn, repeat)
+        _, cpu, result = real_timed(fn, repeat)
+        return walls.pop(0), cpu, result
+
+    monkeypatch.setattr(benchmark, "timed", timed)
     assert benchmark.cli(["video", video, "--frames", "4", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
-    assert "decode 4 frames" in out and "faster" in out
+    assert "decode 4 frames" in out and "2.0x faster than seeking, 2.0x slower than decoding every frame" in out
     assert "detect 4 frames" in out and "4 with a face" in out
     assert "detect --every 1: 12 frames" in out
+    assert benchmark.compared(1.02, 1.0) == "as fast"
