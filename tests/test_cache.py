@@ -18,20 +18,7 @@ import data  # noqa: E402
 import main  # noqa: E402
 from cli import UserError  # noqa: E402
 from checkpoint import load as load_checkpoint  # noqa: E402
-
-
-def make_images(folder, n, seed=0, broken=()):
-    """n small JPEGs and PNGs of assorted shapes (so resize and crop both matter); names in `broken` get garbage bytes."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        h, w = int(rng.integers(33, 70)), int(rng.integers(33, 70))
-        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.{'png' if i % 5 == 0 else 'jpg'}"), quality=90)
-    for name in broken:
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(b"not an image at all")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+from helpers import make_images  # noqa: E402
 
 
 def test_cache_holds_the_plain_loaders_pixels_in_order(tmp_path, capsys):

@@ -103,11 +103,10 @@ def test_an_unwritable_logdir_or_a_full_disk_is_one_sentence_and_leaves_no_tempo
     assert not [f for _, _, files in os.walk(tmp_path / "r") for f in files if f.endswith(".tmp")]
 
 
-def test_a_snapshot_or_a_detector_given_to_resume_is_one_line(tmp_path, capsys):
-    _, run_dir = run_to_end(tmp_path, "--run-name", "r", "--epochs", "1")
+def test_a_snapshot_or_a_detector_given_to_resume_is_one_line(tiny_run_copy, capsys):
+    run_dir = str(tiny_run_copy)
     model, _, _, info = checkpoint.load_detector(run_dir)
     checkpoint.save_detector(os.path.join(run_dir, "detector.pt"), model, 0.5, info["config"])
-    capsys.readouterr()
     for path, kind in ((os.path.join(run_dir, "snapshots", "G_epoch001.pt"), "snapshot"), (os.path.join(run_dir, "detector.pt"), "detector")):
         assert run_cli(main.main, ["--resume", path]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,41 @@
+"""Fixtures the test files share. Plain helper functions are in helpers.py."""
+
+import shutil
+
+import pytest
+import torch
+
+import main
+from helpers import train_args
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One epoch of a tiny run (4 steps): checkpoint.pt, snapshots/G_epoch001.pt, config.json. Read it, never change it."""
+    logdir = tmp_path_factory.mktemp("tiny")
+    assert main.main(train_args(logdir, "--epochs", "1", "--run-name", "r")) == 0
+    return str(logdir / "r")
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path):
+    """A copy of tiny_run that a test may change."""
+    return shutil.copytree(tiny_run, tmp_path / "r")
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A weights file of the right shape with random values: the real one is 91 MB and needs a download."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    patch = pytest.MonkeyPatch()
+    patch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+    patch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    patch.undo()
+    for m in model.modules():  # He initialisation, so that features do not fade to zero through 90-odd layers
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
