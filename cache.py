@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from cli import UserError
+from cli import UserError, make_folder
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -126,17 +126,17 @@ def load_or_build(files, image_size, cache_dir, name, build=True, workers=None):
 def build_cache(files, image_size, folder, workers=None):
     """Decode, resize and crop every file into folder/images.npy on all cores; drop (and name) what cannot be decoded."""
     parent, base = os.path.split(folder)
-    os.makedirs(parent or ".", exist_ok=True)
+    parent = parent or "."
+    make_folder(parent, "cache folder")
     host = socket.gethostname()
-    for stale in os.listdir(parent or "."):  # left by an interrupted build of this same cache on this machine
+    for stale in os.listdir(parent):  # left by an interrupted build of this same cache on this machine
         if stale.startswith(f".{base}.tmp-{host}-") and not _alive(int(stale.rsplit("-", 1)[1])):
             shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     tmp = os.path.join(parent, f".{base}.tmp-{host}-{os.getpid()}")
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         path = os.path.join(tmp, "images.npy")
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), image_size, image_size, 3))
-        del out  # the workers write into the file; this process only needs it to exist at full size
+        _allocate(path, (len(files), image_size, image_size, 3))  # the workers write into the file; this process needs only its size
         workers = workers or len(os.sched_getaffinity(0))
         chunks = [(path, files[lo:lo + 256], image_size, lo) for lo in range(0, len(files), 256)]
         bad = []
@@ -160,7 +160,7 @@ def build_cache(files, image_size, folder, workers=None):
         kept = sorted(set(range(len(files))) - set(bad))
         if bad:  # compact: the cache holds only decodable images, in the order of the file list
             full = np.load(path, mmap_mode="r")
-            compact = np.lib.format.open_memmap(path + ".kept", mode="w+", dtype=np.uint8, shape=(len(kept),) + full.shape[1:])
+            compact = _allocate(path + ".kept", (len(kept),) + full.shape[1:])
             for lo in range(0, len(kept), 4096):
                 compact[lo:lo + 4096] = full[kept[lo:lo + 4096]]
             compact.flush()
@@ -177,9 +177,27 @@ def build_cache(files, image_size, folder, workers=None):
             os.rename(tmp, folder)  # atomic: the cache appears whole or not at all
         except OSError:  # another process published the same cache first; its pixels are the same
             shutil.rmtree(tmp)
+    except OSError as e:  # a full disk or an unwritable --cache-dir: the user's to fix, and no partial cache is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        size = len(files) * image_size * image_size * 3
+        raise UserError(f"cannot build the image cache in {os.path.abspath(parent)} ({e.strerror or e}); it needs about "
+                        f"{size / 1e9:.1f} GB: free space there, pass another --cache-dir, or train with --no-cache") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _allocate(path, shape):
+    """A uint8 .npy file of this shape, its disk space claimed now, opened as a memory map.
+
+    Claiming the space turns a full disk into an error here; without it the file is sparse,
+    and a worker writing pixels into a page the disk has no room for dies of SIGBUS.
+    """
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the file stays sparse
+        with open(path, "rb+") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    return out
 
 
 def _alive(pid):

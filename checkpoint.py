@@ -12,14 +12,13 @@ run code). Three kinds share the format, told apart by "kind":
 Files written before "kind" existed are recognised by their keys.
 """
 
-import contextlib
 import glob
 import os
 import re
 
 import torch
 
-from cli import UserError
+from cli import UserError, make_folder, write_atomically
 from models import Discriminator, Generator, build_models
 
 FORMAT = 1
@@ -41,18 +40,7 @@ def save(state, path, kind):
     assert not missing, f"a {kind} checkpoint needs {missing}"
     assert "kind" not in state and "format" not in state, "the format's own keys"
     state = {"format": FORMAT, "kind": kind, **state}
-    tmp = f"{path}.tmp"  # a stale one from a crashed write is simply overwritten
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, or a power cut could publish an empty file
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space in {os.path.dirname(os.path.abspath(path))} "
-                        "or make it writable, then run again (the last good file is untouched)") from None
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def resolve(path):
@@ -127,7 +115,7 @@ def models_from(ckpt, path, device="cpu"):
 
 def save_snapshot(G, cfg, epoch, step, run_dir):
     """A small G-only file per epoch: snapshots/G_epochNNN.pt."""
-    os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
+    make_folder(os.path.join(run_dir, "snapshots"), "snapshot folder")
     save({"config": cfg, "G": G.state_dict(), "epoch": epoch, "step": step},
          os.path.join(run_dir, "snapshots", f"G_epoch{epoch:03d}.pt"), "snapshot")
 

@@ -1,12 +1,14 @@
 """What every program's command line shares: the parser, flag validators, --device and --precision, user errors.
 
-A mistake the user can fix (bad input, a missing dataset, a checkpoint that does not fit)
-is a `UserError`; `run_cli` prints it as one line and exits with status 2. Bugs raise
-anything else and keep their traceback.
+A mistake the user can fix (bad input, a missing dataset, a checkpoint that does not fit,
+a full disk) is a `UserError`; `run_cli` prints it as one line and exits with status 2.
+Bugs raise anything else and keep their traceback.
 """
 
 import argparse
+import contextlib
 import copy
+import os
 import sys
 
 import torch
@@ -125,3 +127,37 @@ def pick_precision(name, device):
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp16 or fp32")
     return name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# -----------------------------------------------------------------------------
+# output files and folders: a full disk or an unwritable folder is the user's to fix
+
+def make_folder(path, what="folder"):
+    """os.makedirs(path, exist_ok=True), with one sentence instead of a traceback when it cannot be made."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the {what} {path} ({e.strerror or e}); "
+                        "give a folder you can write to, or free space on its disk") from None
+
+
+def write_atomically(path, write):
+    """write(f) into path.tmp, then rename it over path, so a crash mid-write never leaves half a file.
+
+    A full disk or an unwritable folder gives one sentence naming the folder, and the
+    temporary file is removed; a stale one from a crashed earlier write is simply overwritten.
+    """
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, or a power cut could publish an empty file
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free space in {os.path.dirname(os.path.abspath(path))} "
+                        "or make it writable, then run again (the last good file is untouched)") from None

@@ -120,9 +120,19 @@ class ImageFiles(Dataset):
 
 
 def list_images(root, extensions=IMAGE_EXTENSIONS):
-    """Every file below root whose name ends in one of extensions (images by default), recursively, in a fixed order."""
-    found = []
+    """Every file below root whose name ends in one of extensions (images by default), recursively, in a fixed order.
+
+    Links are followed, but no real folder is entered twice: a link back up the tree would
+    otherwise list the same images again and again (and two such links never end), and the
+    copies would land in train, valid and test alike.
+    """
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # the same folder reached again through a link
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(extensions)]
     return found

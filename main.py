@@ -8,6 +8,7 @@
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -17,6 +18,7 @@ import re
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -32,10 +34,67 @@ import cache
 import checkpoint
 import data
 import metrics
-from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, explicit_flags, one_of, pick_device, pick_precision,
-                 run_cli, use_fast_cuda_kernels)
+from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, explicit_flags, make_folder, one_of, pick_device,
+                 pick_precision, run_cli, use_fast_cuda_kernels, write_atomically)
 from checkpoint import SHAPE_KEYS
 from models import IMAGE_SIZES, build_models, draw_samples, train_step
+
+
+# -----------------------------------------------------------------------------
+# the config: one field per flag, plus what a run adds; the flags take their defaults from here
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run is made from. config.json and checkpoints store it as a plain dict (to_dict)."""
+    # data
+    dataset: str = "celeba"                # celeba | folder | synthetic
+    data_root: str = "data/celeba"
+    download: bool = False                 # try torchvision's CelebA download first
+    synthetic_size: int = 10_000           # images in the synthetic training set
+    workers: int = min(4, os.cpu_count() or 1)  # DataLoader processes when there is no cache
+    cache: bool = True                     # decode once into a uint8 cache
+    cache_dir: str = "data/cache"
+    # model: SHAPE_KEYS, which a resumed run takes from its checkpoint
+    image_size: int = 64
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    channels: int = 3
+    # training
+    epochs: int = 10
+    max_steps: int | None = None           # a stop for one invocation, not kept on --resume
+    batch: int = 128                       # the global batch, split over torchrun's processes
+    lr: float = 2e-4
+    beta1: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    # speed
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+    # evaluation and detector
+    eval_images: int = 1000
+    detector_steps: int = 2000
+    detector_data: str | None = None
+    inception_weights: str | None = None
+    # output
+    logdir: str = "runs/generative_model"
+    run_name: str | None = None
+    log_every: int = 50
+    sample_every: int = 500
+    resume: str | None = None              # the run folder or checkpoint this run continues
+    run_dir: str | None = None             # chosen by make_config
+
+    @classmethod
+    def from_dict(cls, saved):
+        """A stored config; keys it lacks (flags added since it was written) take today's defaults, keys no longer used are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
@@ -44,166 +103,204 @@ RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sa
 
 
 def get_args_parser():
+    d = Config()  # the defaults, written once
     p = ArgumentParser(description="Train a DCGAN (Radford et al. 2015) and log it to TensorBoard.")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default="celeba",
+    g.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default=d.dataset,
                    help="celeba: CelebA under --data-root in torchvision's, Kaggle's or a plain layout; "
                         "folder: every image under --data-root, recursively; synthetic: drawn demo faces, no download")
-    g.add_argument("--data-root", default="data/celeba", help="where the images are")
-    g.add_argument("--download", action="store_true", help="try torchvision's CelebA download into --data-root first")
-    g.add_argument("--synthetic-size", type=at_least(1), default=10_000, help="images in the synthetic training set")
-    g.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1),
+    g.add_argument("--data-root", default=d.data_root, help="where the images are")
+    g.add_argument("--download", action="store_true", default=d.download, help="try torchvision's CelebA download into --data-root first")
+    g.add_argument("--synthetic-size", type=at_least(1), default=d.synthetic_size, help="images in the synthetic training set")
+    g.add_argument("--workers", type=at_least(0), default=d.workers,
                    help="DataLoader processes decoding images with --no-cache or --dataset synthetic; 0 decodes in the main process")
-    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=d.cache,
                    help="decode the images once into a uint8 cache (memory-mapped, rebuilt when the files change) and "
                         "feed batches from it without loader workers; --no-cache decodes every image every epoch")
-    g.add_argument("--cache-dir", default="data/cache", help="where image caches are kept (CelebA at 64x64 takes about 2.5 GB)")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="where image caches are kept (CelebA at 64x64 takes about 2.5 GB)")
     g = p.add_argument_group("model")
-    g.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side: 32, 64, 128 or 256 (blocks are added or removed)")
-    g.add_argument("--nz", type=at_least(1), default=100, help="length of the latent vector z")
-    g.add_argument("--ngf", type=at_least(1), default=64, help="generator width (feature maps of its last hidden layer)")
-    g.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width (feature maps of its first layer)")
+    g.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=d.image_size, help="image side: 32, 64, 128 or 256 (blocks are added or removed)")
+    g.add_argument("--nz", type=at_least(1), default=d.nz, help="length of the latent vector z")
+    g.add_argument("--ngf", type=at_least(1), default=d.ngf, help="generator width (feature maps of its last hidden layer)")
+    g.add_argument("--ndf", type=at_least(1), default=d.ndf, help="discriminator width (feature maps of its first layer)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=at_least(1), default=10, help="passes over the training split")
-    g.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in total, with a checkpoint (this invocation only, not kept on --resume)")
-    g.add_argument("--batch", type=at_least(1), default=128, help="images per step")
-    g.add_argument("--lr", type=at_least(1e-12, float), default=2e-4, help="Adam learning rate, both networks (paper: 2e-4)")
-    g.add_argument("--beta1", type=below_one, default=0.5, help="Adam beta1 (paper: 0.5; the default 0.9 oscillates)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the noise and the data order")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
+    g.add_argument("--epochs", type=at_least(1), default=d.epochs, help="passes over the training split")
+    g.add_argument("--max-steps", type=at_least(1), default=d.max_steps, help="stop after this many steps in total, with a checkpoint (this invocation only, not kept on --resume)")
+    g.add_argument("--batch", type=at_least(1), default=d.batch, help="images per step")
+    g.add_argument("--lr", type=at_least(1e-12, float), default=d.lr, help="Adam learning rate, both networks (paper: 2e-4)")
+    g.add_argument("--beta1", type=below_one, default=d.beta1, help="Adam beta1 (paper: 0.5; the default 0.9 oscillates)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, the noise and the data order")
+    g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPUs that support it, else fp32; fp16 uses a GradScaler and needs CUDA")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="keep images and activations channels-last in memory (NHWC), which the fast convolutions want")
-    g.add_argument("--compile", action="store_true", help="torch.compile both networks (slow first steps; helps most on GPUs)")
-    g.add_argument("--sync-bn", action="store_true",
+    g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile both networks (slow first steps; helps most on GPUs)")
+    g.add_argument("--sync-bn", action="store_true", default=d.sync_bn,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch rather than each rank's share")
     g = p.add_argument_group("evaluation and detector")
-    g.add_argument("--eval-images", type=at_least(2), default=1000,
+    g.add_argument("--eval-images", type=at_least(2), default=d.eval_images,
                    help="valid-split images for the per-epoch SWD and raw-D AUC, and test-split images for the final report")
-    g.add_argument("--detector-steps", type=at_least(0), default=2000,
+    g.add_argument("--detector-steps", type=at_least(0), default=d.detector_steps,
                    help="after training, fine-tune a copy of D into detector.pt for this many steps (0: skip; evaluate.py can do it later)")
-    g.add_argument("--detector-data", default=None, metavar="DIR",
+    g.add_argument("--detector-data", default=d.detector_data, metavar="DIR",
                    help="extra labelled faces for the detector: DIR/real/ and DIR/fake/ (e.g. FaceForensics++ crops)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
+    g.add_argument("--inception-weights", default=d.inception_weights, metavar="PATH",
                    help="Inception-v3 2015-12-05 weights (weights-inception-2015-12-05-6726825d.pth) for FID/KID after training; without them FID is skipped")
     g = p.add_argument_group("output")
-    g.add_argument("--logdir", default="runs/generative_model", help="each run gets a folder in here")
-    g.add_argument("--run-name", default=None, help="the run folder's name (default: NNN-DATASET-SIZE, numbered)")
-    g.add_argument("--log-every", type=at_least(1), default=50, help="log losses every N steps (each log waits for the GPU)")
-    g.add_argument("--sample-every", type=at_least(1), default=500, help="also draw a sample grid every N steps (and at every epoch's end)")
-    g.add_argument("--resume", default=None, metavar="RUN_OR_CHECKPOINT",
+    g.add_argument("--logdir", default=d.logdir, help="each run gets a folder in here")
+    g.add_argument("--run-name", default=d.run_name, help="the run folder's name (default: NNN-DATASET-SIZE, numbered)")
+    g.add_argument("--log-every", type=at_least(1), default=d.log_every, help="log losses every N steps (each log waits for the GPU)")
+    g.add_argument("--sample-every", type=at_least(1), default=d.sample_every, help="also draw a sample grid every N steps (and at every epoch's end)")
+    g.add_argument("--resume", default=d.resume, metavar="RUN_OR_CHECKPOINT",
                    help="continue a run from its folder or checkpoint; the model's shape comes from the checkpoint")
     return p
 
 
-def new_run_dir(logdir, run_name, cfg):
-    if run_name is None:
-        taken = [int(m.group(1)) for d in (os.listdir(logdir) if os.path.isdir(logdir) else []) if (m := re.match(r"(\d+)-", d))]
-        run_name = f"{max(taken, default=0) + 1:03d}-{cfg['dataset']}-{cfg['image_size']}"
-    run_dir = os.path.join(logdir, run_name)
+# -----------------------------------------------------------------------------
+# the run folder
+
+def pick_run_dir(cfg):
+    """The new run's folder: --run-name, or the next number (001-celeba-64). Only chosen here; setup makes it."""
+    name = cfg.run_name
+    if name is None:
+        taken = [int(m.group(1)) for d in (os.listdir(cfg.logdir) if os.path.isdir(cfg.logdir) else []) if (m := re.match(r"(\d+)-", d))]
+        name = f"{max(taken, default=0) + 1:03d}-{cfg.dataset}-{cfg.image_size}"
+    run_dir = os.path.join(cfg.logdir, name)
     if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-name")
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     return run_dir
+
+
+def open_run_dir(cfg, resumed):
+    """Make the run folder, save config.json in it and open its TensorBoard log."""
+    make_folder(cfg.run_dir, "run folder")
+    make_folder(os.path.join(cfg.run_dir, "samples"), "sample folder")
+    write_atomically(os.path.join(cfg.run_dir, "config.json"), lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+    writer = SummaryWriter(cfg.run_dir)
+    if not resumed:  # a resumed run adds events to the same folder, where these already are
+        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+        if cfg.dataset == "synthetic":
+            writer.add_text("data", "drawn cartoon faces (--dataset synthetic): a demo set, not CelebA")
+        # SummaryWriter.add_hparams would open a second events file in a subfolder, and TensorBoard would list the
+        # run twice; the same three summaries go into the run's own file through its public file writer.
+        for summary in hparams({k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))},
+                               {"loss/D": 0, "loss/G": 0}):
+            writer.file_writer.add_summary(summary)
+        # the DCGAN tutorial's two plots: both D outputs in one chart, both losses in another (tags are regexes)
+        writer.add_custom_scalars({"DCGAN": {
+            "D(x) and D(G(z))": ["Multiline", [re.escape(t) for t in ("D(x)", "D(G(z))/D_step", "D(G(z))/G_step")]],
+            "loss_D and loss_G": ["Multiline", [re.escape(t) for t in ("loss/D", "loss/G")]],
+        }})
+    return writer
 
 
 def write_grid(G, z, path, writer=None, step=0):
     images = draw_samples(G, z).float().cpu()
     grid = make_grid(images, nrow=int(math.sqrt(len(images))) or 1, normalize=True, value_range=(-1, 1))
-    save_image(grid, path)
+    write_atomically(path, lambda f: save_image(grid, f, format="png"))
     if writer is not None:
         writer.add_image("samples", grid, step)
 
 
-def loader_batches(dataset, order, first_step, steps, batch, rank, world, device, workers, seed):
-    """Batches decoded every epoch by DataLoader workers (--no-cache, synthetic faces); same images per step as cache.batches.
+# -----------------------------------------------------------------------------
+# data
 
-    Yields (images on the device, dataset indices of images that could not be decoded and were dropped).
+def batches(run, cfg, order):
+    """This epoch's batches from run.done_in_epoch on: (images on the device, dataset indices of images dropped as undecodable).
+
+    From the uint8 cache when there is one, else decoded every epoch by DataLoader workers
+    (--no-cache, synthetic faces); both take the same images for every step.
     """
-    share = batch // world
-    plan = [order[s * batch + rank * share:s * batch + (rank + 1) * share] for s in range(first_step, steps)]
-    loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(seed))  # keeps the global RNG (the noise) untouched
+    first, steps, rank, world = run.done_in_epoch, run.steps_per_epoch, run.rank, run.world
+    if run.store is not None:
+        yield from cache.batches(run.store, order, first, steps, cfg.batch, rank, world, run.device)
+        return
+    share = cfg.batch // world
+    plan = [order[s * cfg.batch + rank * share:s * cfg.batch + (rank + 1) * share] for s in range(first, steps)]
+    loader = DataLoader(run.dataset, batch_sampler=plan, num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG (the noise) untouched
     for (real, ok), indices in zip(loader, plan):
         bad = []
         if not ok.all():
             bad = [indices[i] for i in (~ok).nonzero().flatten().tolist()]
             real = real[ok]
-        yield real.to(device, non_blocking=True), bad
+        yield real.to(run.device, non_blocking=True), bad
+
+
+def load_valid_images(cfg):
+    """Held-out images for the per-epoch SWD and raw-D AUC, decoded once."""
+    valid = data.build_dataset(cfg.dataset, cfg.data_root, "valid", cfg.image_size, cfg.synthetic_size)
+    images = data.load_images(valid, cfg.eval_images, cfg.seed, cfg.workers)
+    if len(images) < 2:
+        raise UserError(f"the valid split has {len(images)} decodable images; the per-epoch evaluation needs at least 2, so add images")
+    return images
 
 
 def open_image_cache(dataset, cfg, rank):
     """The training split's uint8 cache, built by one process per machine while the others wait."""
-    name = f"{cfg['dataset']}-{os.path.basename(os.path.normpath(cfg['data_root']))}-train"
+    name = f"{cfg.dataset}-{os.path.basename(os.path.normpath(cfg.data_root))}-train"
     builder = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    cached = cache.load_or_build(dataset.files, cfg["image_size"], cfg["cache_dir"], name, build=builder)
+    cached = cache.load_or_build(dataset.files, cfg.image_size, cfg.cache_dir, name, build=builder)
     if dist.is_initialized():
         dist.barrier()
         if cached is None:
-            cached = cache.load_or_build(dataset.files, cfg["image_size"], cfg["cache_dir"], name, build=False)
+            cached = cache.load_or_build(dataset.files, cfg.image_size, cfg.cache_dir, name, build=False)
     if cached is None:
-        raise UserError(f"process {rank} does not see the image cache under {cfg['cache_dir']}; "
+        raise UserError(f"process {rank} does not see the image cache under {cfg.cache_dir}; "
                         "give --cache-dir a folder that all processes on a machine share")
     if cached.dropped and rank == 0:
         print(f"warning: {len(cached.dropped)} images could not be decoded and are left out "
-              f"(named in {cfg['cache_dir']}/.../index.json)", file=sys.stderr)
+              f"(named in {cfg.cache_dir}/.../index.json)", file=sys.stderr)
     return cached
 
 
 # -----------------------------------------------------------------------------
 # training
 
-def train(cfg, ckpt=None):
-    """Train from scratch, or from a checkpoint dict, until cfg's epochs or max_steps; returns the last stats.
-
-    Under torchrun every process calls this; only rank 0 prints, logs and writes files.
-    """
+def setup(cfg, ckpt=None):
+    """Everything the loop needs, in nanoGPT's order: processes and device, data, models and optimisers (resumed from
+    ckpt), and only then the run folder, so that a start that fails on the data, a flag or the checkpoint leaves none."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    is_main = rank == 0
-    log = print if is_main else (lambda *args, **kwargs: None)
-    device = pick_device(cfg["device"])
+    device = pick_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
-    if cfg["batch"] % world:
-        raise UserError(f"--batch {cfg['batch']} is the global batch and must split evenly over {world} processes")
+    if cfg.batch % world:
+        raise UserError(f"--batch {cfg.batch} is the global batch and must split evenly over {world} processes")
     use_fast_cuda_kernels(device)
-    precision, amp_dtype = pick_precision(cfg["precision"], device)
-    if cfg["sync_bn"] and world > 1 and device.type != "cuda":
+    precision, amp_dtype = pick_precision(cfg.precision, device)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
-    torch.manual_seed(cfg["seed"])
-    if cfg["dataset"] == "celeba" and cfg.get("download") and is_main:
-        data.download_celeba(cfg["data_root"])
-    dataset = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["synthetic_size"])
-    cached = open_image_cache(dataset, cfg, rank) if cfg["cache"] and isinstance(dataset, data.ImageFiles) else None
-    if cached is not None:
-        dataset = cached  # only decodable images, in the same order as the file list
-        store = cache.to_device(cached.images, device)
-    steps_per_epoch = len(dataset) // cfg["batch"]  # drop_last: every BatchNorm batch is full-sized
-    if steps_per_epoch == 0:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than one batch of {cfg['batch']}; lower --batch or add images")
-    if cfg["dataset"] == "synthetic":
-        log(f"note: --dataset synthetic trains on {len(dataset):,} drawn cartoon faces, a demo set, not CelebA")
-    source = "from the image cache" if cached is not None else f"{cfg['workers']} loader workers"
-    log(f"training on {len(dataset):,} images ({steps_per_epoch:,} steps per epoch) on {device}"
-        + (f" x {world} processes ({cfg['batch'] // world} images each per step)" if world > 1 else "")
-        + f", {precision}, {source}")
+    torch.manual_seed(cfg.seed)
 
-    G, D = build_models(cfg)
-    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    # data: the training split, from the uint8 cache when there is one
+    if cfg.dataset == "celeba" and cfg.download and rank == 0:
+        data.download_celeba(cfg.data_root)
+    dataset = data.build_dataset(cfg.dataset, cfg.data_root, "train", cfg.image_size, cfg.synthetic_size)
+    store = None
+    if cfg.cache and isinstance(dataset, data.ImageFiles):
+        dataset = open_image_cache(dataset, cfg, rank)  # only decodable images, in the same order as the file list
+        store = cache.to_device(dataset.images, device)
+    steps_per_epoch = len(dataset) // cfg.batch  # drop_last: every BatchNorm batch is full-sized
+    if steps_per_epoch == 0:
+        raise UserError(f"the training split has {len(dataset)} images, fewer than one batch of {cfg.batch}; lower --batch or add images")
+
+    # models and optimisers; on --resume their state, the counters and the RNG from the checkpoint
+    G, D = build_models(cfg.to_dict())
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
-    if cfg["sync_bn"] and world > 1:
+    if cfg.sync_bn and world > 1:
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     fused = device.type == "cuda"  # one kernel for the whole Adam update instead of several per tensor
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999), fused=fused or None)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], 0.999), fused=fused or None)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=fused or None)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=fused or None)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    fixed_noise = torch.randn(64, cfg["nz"], generator=torch.Generator().manual_seed(cfg["seed"]))
+    fixed_noise = torch.randn(64, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed))
     epoch, done_in_epoch, step = 0, 0, 0
     if ckpt is not None:
-        checkpoint.load_state(G, ckpt["G"], "generator", cfg["resume"])
-        checkpoint.load_state(D, ckpt["D"], "discriminator", cfg["resume"])
+        checkpoint.load_state(G, ckpt["G"], "generator", cfg.resume)
+        checkpoint.load_state(D, ckpt["D"], "discriminator", cfg.resume)
         opt_G.load_state_dict(ckpt["opt_G"])
         opt_D.load_state_dict(ckpt["opt_D"])
         for group in opt_G.param_groups + opt_D.param_groups:
@@ -215,47 +312,183 @@ def train(cfg, ckpt=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        log(f"resuming {cfg['run_dir']} at epoch {epoch}, step {step}")
     if rank > 0:  # every rank draws its own noise; the checkpoint keeps rank 0's generator, the others restart from here
-        torch.manual_seed(cfg["seed"] * 100_003 + rank * 1_000_003 + step)
-    fixed_noise = fixed_noise.to(device)
+        torch.manual_seed(cfg.seed * 100_003 + rank * 1_000_003 + step)
 
     # G and D stay the bare networks (checkpoints, samples); G_train and D_train are what the step runs.
-    G_train, D_train = (torch.compile(G), torch.compile(D)) if cfg["compile"] else (G, D)
+    G_train, D_train = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
     if world > 1:
         # Two wrappers, one per network, so each backward all-reduces only its own network's gradients.
         ids = [device.index] if device.type == "cuda" else None
         G_train, D_train = DDP(G_train, device_ids=ids), DDP(D_train, device_ids=ids)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
 
-    run_dir = cfg["run_dir"]
-    writer = SummaryWriter(run_dir) if is_main else None
-    # held-out images for the per-epoch SWD and raw-D AUC, decoded once
-    valid_real = data.load_images(data.build_dataset(cfg["dataset"], cfg["data_root"], "valid", cfg["image_size"], cfg["synthetic_size"]),
-                                      cfg.get("eval_images", 1000), cfg["seed"], cfg["workers"]) if is_main else None
-    if is_main and len(valid_real) < 2:
-        raise UserError(f"the valid split has {len(valid_real)} decodable images; the per-epoch evaluation needs at least 2, so add images")
-    if ckpt is None and is_main:
-        writer.add_text("config", "```\n" + json.dumps(cfg, indent=2) + "\n```")
-        if cfg["dataset"] == "synthetic":
-            writer.add_text("data", "drawn cartoon faces (--dataset synthetic): a demo set, not CelebA")
-        for summary in hparams({k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
-                               {"loss/D": 0, "loss/G": 0}):
-            writer._get_file_writer().add_summary(summary)
+    # rank 0 alone: the held-out images, and, everything being checked, the run folder, config.json and TensorBoard
+    start = lambda: (load_valid_images(cfg), open_run_dir(cfg, resumed=ckpt is not None))
+    valid_real, writer = (on_rank0(start, share=False) if world > 1 else start()) or (None, None)
+    if rank == 0:
+        what = (f"{len(dataset):,} drawn demo faces (--dataset synthetic, not CelebA)" if cfg.dataset == "synthetic"
+                else f"{len(dataset):,} training images")
+        print(f"{f'resuming at epoch {epoch}, step {step}' if ckpt is not None else 'training'}: {cfg.run_dir} (flags in config.json); "
+              f"{what}, {steps_per_epoch:,} steps an epoch, on {device}"
+              + (f" x {world} processes ({cfg.batch // world} images each per step)" if world > 1 else "")
+              + f", {precision}, " + ("from the image cache" if store is not None else f"{cfg.workers} loader workers"))
+    return SimpleNamespace(rank=rank, world=world, is_main=rank == 0, device=device, dataset=dataset, store=store,
+                           steps_per_epoch=steps_per_epoch, valid_real=valid_real, G=G, D=D, G_train=G_train, D_train=D_train,
+                           opt_G=opt_G, opt_D=opt_D, scaler=scaler, autocast=autocast, memory_format=memory_format,
+                           fixed_noise=fixed_noise.to(device), epoch=epoch, done_in_epoch=done_in_epoch, step=step, writer=writer)
 
-    def save_checkpoint(last):
-        if last is not None:
-            check_finite(last, step, run_dir)  # never overwrite the last good checkpoint with a diverged model
-        checkpoint.save({
-            "config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-            "epoch": epoch, "done_in_epoch": done_in_epoch, "step": step, "fixed_noise": fixed_noise.cpu(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-        }, os.path.join(run_dir, "checkpoint.pt"), "training")
 
-    # Ctrl-C finishes the step in flight, writes a checkpoint and stops; a second Ctrl-C stops at once.
-    # Not under torchrun: processes would stop after different steps and wait on each other forever.
+def train(cfg, ckpt=None):
+    """Train from scratch, or from a checkpoint dict, until cfg.epochs or cfg.max_steps; returns the last stats.
+
+    Set-up, then one loop that steps, logs and samples, with each epoch's end (evaluation,
+    checkpoint) in its own function. Under torchrun every process calls this; only rank 0
+    prints, logs and writes files.
+    """
+    run = setup(cfg, ckpt)
+    interrupted, previous_handler = stop_on_ctrl_c(run.world)
+    last, skipped, clock = None, [0], Throughput()
+    stop = cfg.max_steps is not None and run.step >= cfg.max_steps
+    try:
+        while run.epoch < cfg.epochs and not stop:
+            order = data.epoch_order(len(run.dataset), cfg.seed, run.epoch)
+            bar = tqdm(batches(run, cfg, order), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch,
+                       initial=run.done_in_epoch, dynamic_ncols=True, disable=not run.is_main)
+            for real, bad in bar:
+                if bad:
+                    data.report_skipped(run.dataset, bad, skipped)
+                if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
+                    last = train_step(run.G_train, run.D_train, run.opt_G, run.opt_D, real.contiguous(memory_format=run.memory_format),
+                                      cfg.nz, run.autocast, run.scaler)
+                    clock.images += len(real) * run.world
+                run.step += 1
+                run.done_in_epoch += 1
+                stop = bool(interrupted) or (cfg.max_steps is not None and run.step >= cfg.max_steps)
+                # every log_every steps, and at an epoch's end or a stop, so that short runs have curves too
+                if last is not None and (run.step % cfg.log_every == 0 or run.done_in_epoch == run.steps_per_epoch or stop):
+                    log_losses(run, cfg, last, clock, bar)
+                if run.step % cfg.sample_every == 0 and run.is_main:
+                    with clock.paused():
+                        write_grid(run.G, run.fixed_noise, os.path.join(cfg.run_dir, "samples", f"step_{run.step:07d}.png"), run.writer, run.step)
+                if stop:
+                    break
+            bar.close()
+            with clock.paused():  # images/second counts training time only, not evaluation and checkpoints
+                if not stop:
+                    run.epoch, run.done_in_epoch = run.epoch + 1, 0
+                    end_of_epoch(run, cfg, last)
+                if run.is_main and (last is not None or not stop):  # a step was taken, or at least an epoch's end reached
+                    save_checkpoint(run, cfg, last)
+        if run.is_main and not stop and run.epoch >= cfg.epochs and cfg.detector_steps > 0:
+            # Its checkpoint is written, so from here Ctrl-C simply stops; evaluate.py can redo this part.
+            signal.signal(signal.SIGINT, previous_handler)
+            detector_and_report(run, cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if run.writer is not None:
+            run.writer.close()
+    if skipped[0]:
+        print(f"warning: {skipped[0]} images could not be decoded and were skipped", file=sys.stderr)
+    if interrupted:
+        print(f"stopped at step {run.step}; continue with: python main.py --resume {cfg.run_dir}", file=sys.stderr)
+    elif run.is_main:
+        print(f"done at epoch {run.epoch}, step {run.step}; run folder: {cfg.run_dir}")
+    stats = {k: v.item() for k, v in last.items()} if last is not None else {}
+    return {**stats, "step": run.step, "epoch": run.epoch, "interrupted": bool(interrupted)}
+
+
+def log_losses(run, cfg, last, clock, bar):
+    values = {k: v.item() for k, v in last.items()}  # a CPU-GPU sync point, hence not at every step
+    check_finite(last, run.step, cfg.run_dir)
+    if run.is_main:  # rank 0's statistics, from its share of the batch
+        for k, v in values.items():
+            run.writer.add_scalar(k, v, run.step)
+        run.writer.add_scalar("perf/images_per_sec", clock.images_per_sec(), run.step)
+    clock.restart()
+    bar.set_postfix(loss_D=f"{values['loss/D']:.3f}", loss_G=f"{values['loss/G']:.3f}", D_x=f"{values['D(x)']:.2f}")
+
+
+def end_of_epoch(run, cfg, last):
+    """The networks checked finite before anything is written; then rank 0's sample grid, G snapshot and evaluation."""
+    check_finite(last, run.step, cfg.run_dir, G=run.G, D=run.D)
+    if not run.is_main:
+        return
+    with tqdm(total=3, desc=f"end of epoch {run.epoch}", leave=False, dynamic_ncols=True) as bar:
+        bar.set_postfix_str("sample grid")
+        write_grid(run.G, run.fixed_noise, os.path.join(cfg.run_dir, "samples", f"epoch_{run.epoch:03d}.png"), run.writer, run.step)
+        bar.update()
+        bar.set_postfix_str("G snapshot")
+        checkpoint.save_snapshot(run.G, cfg.to_dict(), run.epoch, run.step, cfg.run_dir)  # fakes from earlier generators for the detector
+        bar.update()
+        bar.set_postfix_str(f"SWD and raw-D AUC on {len(run.valid_real)} valid images")
+        for k, v in metrics.epoch_metrics(run.G, run.D, run.valid_real, cfg.to_dict(), run.device, run.epoch).items():
+            run.writer.add_scalar(k, v, run.step)
+        bar.update()
+
+
+def save_checkpoint(run, cfg, last):
+    check_finite(last, run.step, cfg.run_dir, G=run.G, D=run.D)  # never overwrite the last good checkpoint with a diverged model
+    checkpoint.save({
+        "config": cfg.to_dict(), "G": run.G.state_dict(), "D": run.D.state_dict(),
+        "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
+        "epoch": run.epoch, "done_in_epoch": run.done_in_epoch, "step": run.step, "fixed_noise": run.fixed_noise.cpu(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
+        **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
+    }, os.path.join(cfg.run_dir, "checkpoint.pt"), "training")
+
+
+def detector_and_report(run, cfg):
+    """The GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json)."""
+    # plain copies: with --sync-bn the networks' BatchNorm would wait for ranks that have finished
+    G_eval, D_eval = build_models(cfg.to_dict())
+    G_eval.load_state_dict(run.G.state_dict()), D_eval.load_state_dict(run.D.state_dict())
+    metrics.evaluate_run(cfg.to_dict(), G_eval.to(run.device), D_eval.to(run.device), cfg.run_dir, step=run.step, epoch=run.epoch,
+                         detector_steps=cfg.detector_steps, eval_images=cfg.eval_images, inception_weights=cfg.inception_weights,
+                         detector_data=cfg.detector_data, device=run.device, writer=run.writer)
+
+
+def check_finite(stats, step, run_dir, **networks):
+    """One sentence on a non-finite loss or weight, checked before anything is written, so that no file holds a diverged model."""
+    bad = [f"{k}={v.item()}" for k, v in (stats or {}).items() if not torch.isfinite(v).all()]
+    for name, net in networks.items():
+        if not torch.stack([p.detach().isfinite().all() for p in net.parameters()]).all():  # one sync for the whole network
+            bad.append(f"non-finite weights in {name}")
+    if bad:
+        raise UserError(f"training diverged at step {step} ({', '.join(bad)}); "
+                        f"nothing was saved after it, so {run_dir} keeps the last good checkpoint if an epoch had finished. "
+                        "Start a new run with a lower --lr or another --seed")
+
+
+class Throughput:
+    """Images per second over training time alone: time spent in paused() (evaluation, checkpoints, grids) is left out."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.start, self.excluded, self.images = time.perf_counter(), 0.0, 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def images_per_sec(self):
+        return self.images / max(time.perf_counter() - self.start - self.excluded, 1e-9)
+
+
+def stop_on_ctrl_c(world):
+    """Ctrl-C finishes the step in flight, writes a checkpoint and stops; a second Ctrl-C stops at once.
+
+    Returns the flag the loop reads (a list, true once pressed) and the handler to put back.
+    Not under torchrun: processes would stop after different steps and wait on each other forever.
+    """
     interrupted, main_pid = [], os.getpid()
+
     def on_sigint(signum, frame):
         if os.getpid() != main_pid:  # a DataLoader worker inherited this handler: the main process speaks for all
             return
@@ -263,122 +496,51 @@ def train(cfg, ckpt=None):
             raise KeyboardInterrupt
         interrupted.append(True)
         tqdm.write("stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if world == 1 else signal.getsignal(signal.SIGINT)
-
-    last, skipped = None, [0]
-    t0, images_since = time.time(), 0
-    stop = cfg["max_steps"] is not None and step >= cfg["max_steps"]
-    try:
-        while epoch < cfg["epochs"] and not stop:
-            order = data.epoch_order(len(dataset), cfg["seed"], epoch)
-            if cached is not None:
-                batches = cache.batches(store, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device)
-            else:
-                batches = loader_batches(dataset, order, done_in_epoch, steps_per_epoch, cfg["batch"], rank, world, device,
-                                         cfg["workers"], cfg["seed"])
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg['epochs']}", total=steps_per_epoch, initial=done_in_epoch,
-                       dynamic_ncols=True, disable=not is_main)
-            for real, bad in bar:
-                if bad:
-                    data.report_skipped(dataset, bad, skipped)
-                if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
-                    last = train_step(G_train, D_train, opt_G, opt_D, real.contiguous(memory_format=memory_format), cfg["nz"],
-                                      autocast, scaler)
-                    images_since += len(real) * world
-                step += 1
-                done_in_epoch += 1
-
-                if step % cfg["log_every"] == 0 and last is not None:
-                    values = {k: v.item() for k, v in last.items()}  # a CPU-GPU sync point, hence only every log_every steps
-                    check_finite(last, step, run_dir)
-                    if is_main:  # rank 0's statistics, from its share of the batch
-                        for k, v in values.items():
-                            writer.add_scalar(k, v, step)
-                        writer.add_scalar("perf/images_per_sec", images_since / (time.time() - t0), step)
-                    t0, images_since = time.time(), 0
-                    bar.set_postfix(loss_D=f"{values['loss/D']:.3f}", loss_G=f"{values['loss/G']:.3f}", D_x=f"{values['D(x)']:.2f}")
-                if step % cfg["sample_every"] == 0 and is_main:
-                    write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"step_{step:07d}.png"), writer, step)
-                if interrupted or (cfg["max_steps"] is not None and step >= cfg["max_steps"]):
-                    stop = True
-                    break
-            bar.close()
-            if not stop:
-                epoch, done_in_epoch = epoch + 1, 0
-                if is_main:
-                    write_grid(G, fixed_noise, os.path.join(run_dir, "samples", f"epoch_{epoch:03d}.png"), writer, step)
-                    checkpoint.save_snapshot(G, cfg, epoch, step, run_dir)  # fakes from earlier generators for the detector
-                    for k, v in metrics.epoch_metrics(G, D, valid_real, cfg, device, epoch).items():
-                        writer.add_scalar(k, v, step)
-            if is_main and (last is not None or not stop):  # a step was taken, or at least an epoch's end reached
-                save_checkpoint(last)
-        if is_main and not stop and epoch >= cfg["epochs"] and cfg.get("detector_steps", 0) > 0:
-            # the GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json).
-            # Its checkpoint is written, so from here Ctrl-C simply stops; evaluate.py can redo this part.
-            signal.signal(signal.SIGINT, previous_handler)
-            # plain copies: with --sync-bn the networks' BatchNorm would wait for ranks that have finished
-            G_eval, D_eval = build_models(cfg)
-            G_eval.load_state_dict(G.state_dict()), D_eval.load_state_dict(D.state_dict())
-            metrics.evaluate_run(cfg, G_eval.to(device), D_eval.to(device), run_dir, step=step, epoch=epoch, detector_steps=cfg["detector_steps"],
-                                  eval_images=cfg.get("eval_images", 1000), inception_weights=cfg.get("inception_weights"),
-                                  detector_data=cfg.get("detector_data"), device=device, writer=writer)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        if writer is not None:
-            writer.close()
-    if skipped[0]:
-        print(f"warning: {skipped[0]} images could not be decoded and were skipped", file=sys.stderr)
-    if interrupted:
-        print(f"stopped at step {step}; continue with: python main.py --resume {run_dir}", file=sys.stderr)
-    else:
-        log(f"done at epoch {epoch}, step {step}; run folder: {run_dir}")
-    stats = {k: v.item() for k, v in last.items()} if last is not None else {}
-    return {**stats, "step": step, "epoch": epoch, "interrupted": bool(interrupted)}
+    previous = signal.signal(signal.SIGINT, on_sigint) if world == 1 else signal.getsignal(signal.SIGINT)
+    return interrupted, previous
 
 
-def check_finite(stats, step, run_dir):
-    bad = {k: v.item() for k, v in stats.items() if not torch.isfinite(v).all()}
-    if bad:
-        raise UserError(f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-                        f"nothing was saved after it, so {run_dir} keeps the last good checkpoint if an epoch had finished. "
-                        "Start a new run with a lower --lr or another --seed")
-
+# -----------------------------------------------------------------------------
+# the command
 
 def check_paths(cfg):
     """Files the run needs only at its end must exist at its start."""
-    if cfg["inception_weights"]:
-        metrics.check_inception_weights(cfg["inception_weights"])
-    if cfg["detector_data"]:
-        data.check_detector_data(cfg["detector_data"])
+    if cfg.inception_weights:
+        metrics.check_inception_weights(cfg.inception_weights)
+    if cfg.detector_data:
+        data.check_detector_data(cfg.detector_data)
 
 
 def make_config(argv=None):
-    """Flags -> (config dict, checkpoint dict or None). On --resume the checkpoint's config wins but for RESUME_OVERRIDES."""
+    """Flags -> (Config, checkpoint dict or None). On --resume the checkpoint's config wins but for RESUME_OVERRIDES.
+
+    Nothing is written here: the run folder is made by setup, once the data is checked too.
+    """
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    cfg = vars(args)
-    cfg["channels"] = 3
+    cfg = Config(**vars(args))
     check_paths(cfg)  # now, not after hours of training
     if args.resume is None:
-        cfg["run_dir"] = new_run_dir(args.logdir, args.run_name, cfg)
+        cfg.run_dir = pick_run_dir(cfg)
         return cfg, None
     ckpt = checkpoint.load(args.resume, use="--resume")
+    saved = Config.from_dict(ckpt["config"])
     explicit = explicit_flags(parser, argv)
     for key in SHAPE_KEYS:
-        if key in explicit and cfg[key] != ckpt["config"][key]:
+        if key in explicit and getattr(cfg, key) != getattr(saved, key):
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} {cfg[key]} differs from the checkpoint's {ckpt['config'][key]}; the model's shape comes from the checkpoint, so leave {flag} out")
+            raise UserError(f"{flag} {getattr(cfg, key)} differs from the checkpoint's {getattr(saved, key)}; "
+                            f"the model's shape comes from the checkpoint, so leave {flag} out")
     fixed = sorted(k for k in explicit - set(RESUME_OVERRIDES) - set(SHAPE_KEYS) - {"resume", "max_steps"}
-                   if cfg[k] != ckpt["config"].get(k))
+                   if getattr(cfg, k) != getattr(saved, k))
     if fixed:
         flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
         raise UserError(f"{flags} cannot change when resuming (the run continues as it started); "
                         f"start a new run instead, or leave {'it' if len(fixed) == 1 else 'them'} out")
-    resumed = dict(ckpt["config"])
-    resumed.update({k: cfg[k] for k in RESUME_OVERRIDES if k in explicit or k not in resumed})  # new flags: today's defaults
-    resumed["max_steps"] = cfg["max_steps"]  # a stop for one invocation: resuming a --max-steps run continues it
-    resumed["resume"] = args.resume
-    resumed["run_dir"] = os.path.dirname(os.path.abspath(checkpoint.resolve(args.resume)))
+    resumed = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in explicit})
+    resumed.max_steps = cfg.max_steps  # a stop for one invocation: resuming a --max-steps run continues it
+    resumed.resume = args.resume
+    resumed.run_dir = os.path.dirname(os.path.abspath(checkpoint.resolve(args.resume)))
     return resumed, ckpt
 
 
@@ -395,12 +557,16 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
-def on_rank0(fn):
-    """Run fn on rank 0 alone (it may create folders, read checkpoints) and give every rank its result."""
-    box = [None]
+def on_rank0(fn, share=True):
+    """Run fn on rank 0 alone; a UserError there stops every rank (rank 0 says why, once).
+
+    Returns fn's result on rank 0, and on the other ranks too when share (it is sent to them).
+    """
+    box, result = [None], None
     if dist.get_rank() == 0:
         try:
-            box[0] = ("ok", fn())
+            result = fn()
+            box[0] = ("ok", result if share else None)
         except UserError as e:
             box[0] = ("error", str(e))
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
@@ -408,20 +574,16 @@ def on_rank0(fn):
     if kind == "error":
         if dist.get_rank() == 0:
             raise UserError(value)
-        raise SystemExit(2)  # rank 0 says why, once
-    return value
+        raise SystemExit(2)
+    return result if dist.get_rank() == 0 else value
 
 
 def main(argv=None):
     rank, world = init_distributed()
     try:
-        # Only rank 0 picks and creates the run folder (and reads the checkpoint, which the other
-        # machines may not have); every rank gets the same config and checkpoint from it.
+        # Only rank 0 picks the run folder (and reads the checkpoint, which the other machines may not
+        # have); every rank gets the same config and checkpoint from it.
         cfg, ckpt = on_rank0(lambda: make_config(argv)) if world > 1 else make_config(argv)
-        if rank == 0:
-            print(json.dumps(cfg, indent=2))
-            with open(os.path.join(cfg["run_dir"], "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
         result = train(cfg, ckpt)
     finally:
         if world > 1:

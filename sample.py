@@ -9,10 +9,11 @@ import os
 import sys
 
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
 import checkpoint
-from cli import ArgumentParser, add_device_flag, at_least, pick_device, run_cli
+from cli import ArgumentParser, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically
 from models import draw_samples
 
 
@@ -44,8 +45,9 @@ def main(argv=None):
     G, _ = checkpoint.models_from(ckpt, args.checkpoint, device)
     images = generate(G, args.n, args.seed, args.batch, device)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_image(images, args.out, nrow=nrow, normalize=True, value_range=(-1, 1))
+    make_folder(os.path.dirname(os.path.abspath(args.out)), "folder for --out")
+    kind = Image.registered_extensions().get(os.path.splitext(args.out)[1].lower())  # written through a temporary file, so named here
+    write_atomically(args.out, lambda f: save_image(images, f, format=kind, nrow=nrow, normalize=True, value_range=(-1, 1)))
     print(f"wrote {args.n} samples (step {ckpt['step']}) to {args.out}")
     if args.separate:
         os.makedirs(args.separate, exist_ok=True)

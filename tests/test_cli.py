@@ -1,5 +1,6 @@
 """The programs as a user runs them: exit codes and messages, in a fresh process."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import main
 import sample
-from helpers import train_args
-import checkpoint
+from cli import run_cli
+from helpers import read_until, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,43 +60,63 @@ def test_missing_dataset_explains_where_it_looked_without_a_traceback(tmp_path):
     assert "--dataset synthetic" in result.stderr and "kaggle" in result.stderr.lower()
 
 
-def test_a_checkpoint_from_a_different_model_is_refused(tmp_path):
-    main.main(train_args(tmp_path, "--max-steps", "1", "--run-name", "r"))
-    path = tmp_path / "r" / "checkpoint.pt"
-    ckpt = torch.load(path, weights_only=True)
+def test_a_checkpoint_from_a_different_model_is_refused(tmp_path, tiny_run, capsys):
+    ckpt = torch.load(os.path.join(tiny_run, "checkpoint.pt"), weights_only=True)
     ckpt["config"]["ndf"] = 16  # says ndf 16, holds ndf 8 weights
     del ckpt["format"], ckpt["kind"]
     checkpoint.save(ckpt, str(tmp_path / "other.pt"), "training")
     assert_one_clear_line(run("main.py", "--resume", str(tmp_path / "other.pt")), "does not fit")
+    assert sorted(os.listdir(tmp_path)) == ["other.pt"]  # a refused resume writes nothing, not even config.json
+    # the same errors from sample.py, in this process: a fresh one costs seconds, and test_sampling_a_file... starts one
     torch.save({"model": torch.zeros(3)}, tmp_path / "foreign.pt")
-    assert_one_clear_line(run("sample.py", str(tmp_path / "foreign.pt")), "not a checkpoint written by this project")
     (tmp_path / "text.pt").write_text("hello")
-    assert_one_clear_line(run("sample.py", str(tmp_path / "text.pt")), "cannot read checkpoint")
-    assert_one_clear_line(run("sample.py", str(tmp_path / "missing")), "does not exist")
+    for name, phrase in (("foreign.pt", "not a checkpoint written by this project"), ("text.pt", "cannot read checkpoint"),
+                         ("missing", "does not exist")):
+        assert run_cli(sample.main, [str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
 
 
-def test_sample_draws_a_grid_and_separate_images_from_a_checkpoint(tmp_path):
-    main.main(train_args(tmp_path, "--max-steps", "2", "--run-name", "r"))
+def test_sample_draws_a_grid_and_separate_images_from_a_checkpoint(tmp_path, tiny_run):
     out = tmp_path / "grid.png"
-    assert sample.main([str(tmp_path / "r"), "--n", "16", "--out", str(out), "--separate", str(tmp_path / "each")]) == 0
+    assert sample.main([tiny_run, "--n", "16", "--out", str(out), "--separate", str(tmp_path / "each")]) == 0
     assert Image.open(out).size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)  # 4 x 4 images of 32 px, 2 px padding
     assert len(os.listdir(tmp_path / "each")) == 16
-    again = tmp_path / "again.png"
-    sample.main([str(tmp_path / "r"), "--n", "16", "--out", str(again)])
-    assert Image.open(out).tobytes() == Image.open(again).tobytes()  # same seed, same images
+    again = tmp_path / "again.jpg"
+    sample.main([tiny_run, "--n", "16", "--out", str(again)])
+    assert Image.open(again).format == "JPEG"  # the type the name asks for
+    sample.main([tiny_run, "--n", "16", "--out", str(again.with_suffix(".png"))])
+    assert Image.open(out).tobytes() == Image.open(again.with_suffix(".png")).tobytes()  # same seed, same images
+
+
+def test_sample_to_an_unwritable_or_full_place_is_one_line_and_leaves_no_temporary_file(tmp_path, tiny_run, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    assert run_cli(sample.main, [tiny_run, "--out", str(tmp_path / "a_file" / "grid.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot create the folder for --out {tmp_path / 'a_file'} (File exists); "
+                   "give a folder you can write to, or free space on its disk"]
+
+    def disk_fills_up(images, f, **kwargs):
+        f.write(b"\x89PNG half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sample, "save_image", disk_fills_up)
+    assert run_cli(sample.main, [tiny_run, "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write {tmp_path / 'grid.png'} (No space left on device); free space in {tmp_path}" in err[0]
+    assert os.listdir(tmp_path) == ["a_file"]
 
 
 def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
     args = train_args(tmp_path, "--synthetic-size", "4096", "--run-name", "r")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = ""
-    while "epoch 1/10:" not in seen or "/256 [" not in seen:  # wait until steps are being taken
-        seen += proc.stderr.read(1)
-        assert proc.poll() is None, seen
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        read_until(proc, lambda seen: "epoch 1/10:" in seen and "/256 [" in seen, timeout=120)  # steps are being taken
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
@@ -103,7 +125,6 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
     assert main.train(cfg, loaded)["step"] == ckpt["step"] + 1
 
 
-def test_sampling_a_file_without_a_generator_and_discriminator_says_so(tmp_path):
-    main.main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
-    snapshot = next((tmp_path / "r" / "snapshots").iterdir())
-    assert_one_clear_line(run("sample.py", str(snapshot)), "is a snapshot file", "give the run folder")
+def test_sampling_a_file_without_a_generator_and_discriminator_says_so(tiny_run):
+    snapshot = os.path.join(tiny_run, "snapshots", "G_epoch001.pt")
+    assert_one_clear_line(run("sample.py", snapshot), "is a snapshot file", "give the run folder")

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 import data
 from cli import UserError
@@ -58,11 +59,30 @@ def test_folder_dataset_is_recursive_and_takes_every_format(tmp_path):
     assert sorted(os.path.basename(f) for f in found) == ["w.bmp", "x.jpg", "y.png", "z.webp"]
 
 
-def test_preprocessing_resizes_crops_and_scales(tmp_path):
-    path, = write_jpegs(str(tmp_path), ["a.jpg"], size=(178, 218))
-    x, ok = data.ImageFiles([path], 32)[0]
+def test_links_are_followed_but_no_folder_is_listed_twice(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_jpegs(str(root / "a" / "b"), ["x.jpg", "y.jpg"])
+    write_jpegs(str(outside), ["z.jpg"])
+    os.symlink(outside, root / "linked")  # a folder kept elsewhere: its images count
+    os.symlink(root, root / "a" / "loop")  # back to the top: one loop listed every image 41 times
+    os.symlink(root / "a", root / "a" / "b" / "up")  # a second loop: the two together never ended
+    os.symlink(root / "a" / "b", root / "b_again")  # the same folder by another way
+    found = data.list_images(str(root))
+    assert sorted(os.path.basename(f) for f in found) == ["x.jpg", "y.jpg", "z.jpg"]
+    splits = [f for s in data.SPLITS for f in data.folder_files(str(root), s)]
+    assert sorted(splits) == sorted(found)  # each image in one split only
+
+
+def test_preprocessing_resizes_the_shorter_side_crops_the_centre_and_scales(tmp_path):
+    im = Image.new("RGB", (178, 218), (255, 0, 51))  # CelebA's shape, lossless
+    ImageDraw.Draw(im).rectangle([0, 0, 177, 9], fill=(0, 255, 255))  # bands that the centre crop must remove
+    ImageDraw.Draw(im).rectangle([0, 208, 177, 217], fill=(0, 255, 255))
+    im.save(tmp_path / "a.png")
+    x, ok = data.ImageFiles([str(tmp_path / "a.png")], 32)[0]
     assert ok and x.shape == (3, 32, 32)
-    assert x.min() >= -1 and x.max() <= 1
+    # 178 x 218 -> 32 x 39 -> the middle 32 rows: no band left, and 0..255 mapped linearly onto -1..1
+    expected = torch.tensor([1.0, -1.0, 51 / 127.5 - 1]).view(3, 1, 1).expand(3, 32, 32)
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
 
 
 def test_a_corrupt_jpeg_is_flagged_not_raised(tmp_path):

@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main  # noqa: E402
-from test_cache import make_images  # noqa: E402
 from checkpoint import load as load_checkpoint  # noqa: E402
+from helpers import make_images  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

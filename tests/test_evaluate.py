@@ -6,21 +6,29 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import data
 import checkpoint
+import data
+import detector
 import evaluate
 import main
+import metrics
 from cli import run_cli
-from test_metrics import random_inception_weights  # noqa: F401 (a fixture shared with test_metrics.py)
 
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "64", "--batch", "16", "--ngf", "8", "--ndf", "8",
         "--nz", "16", "--workers", "0", "--eval-images", "16"]
 
 
+# Fine-tuning's real and fake images a step (64 + 64), and its 20 batches that recalibrate BatchNorm, make most
+# of an evaluation's time; what these tests check does not depend on the batch size.
+SMALL_BATCH = 16
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("runs")
-    assert main.main(TINY + ["--epochs", "2", "--detector-steps", "5", "--logdir", str(logdir), "--run-name", "r"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "DETECTOR_BATCH", SMALL_BATCH)
+        assert main.main(TINY + ["--epochs", "2", "--detector-steps", "5", "--logdir", str(logdir), "--run-name", "r"]) == 0
     return os.path.join(logdir, "r")
 
 
@@ -65,12 +73,25 @@ def test_evaluate_reuses_the_stored_detector(trained_run):
     assert after["detection"] == before["detection"]  # same detector, same seeded test fakes, same baseline
 
 
-def test_detector_data_adds_labelled_faces(trained_run, tmp_path):
+def test_detector_data_adds_labelled_faces(trained_run, tmp_path, monkeypatch):
     for label, seed in (("real", 0), ("fake", 9)):
         os.makedirs(tmp_path / label)
         for i in range(20):
             data.draw_face(random.Random(seed * 100 + i), 32).save(tmp_path / label / f"{i}.png")
+    real_fine_tune, pulled = detector.fine_tune, []
+
+    def fine_tune(*args, extra_batches, **kwargs):
+        def watched():  # the batches fine-tuning takes from --detector-data
+            for x, y in extra_batches:
+                pulled.append(y.tolist())
+                yield x, y
+        return real_fine_tune(*args, extra_batches=watched(), **kwargs)
+
+    monkeypatch.setattr(detector, "fine_tune", fine_tune)
+    monkeypatch.setattr(metrics, "DETECTOR_BATCH", SMALL_BATCH)
     assert evaluate.main([os.path.join(trained_run, "checkpoint.pt"), "--detector-steps", "2", "--detector-data", str(tmp_path)]) == 0
+    assert len(pulled) >= 2  # one batch a step at least
+    assert {label for batch in pulled for label in batch} == {0, 1}  # fake and real faces (1 = real)
     ckpt = torch.load(os.path.join(trained_run, "detector.pt"), weights_only=True)
     assert ckpt["detector_data"] == str(tmp_path) and ckpt["steps"] == 2
 
@@ -86,8 +107,12 @@ def test_evaluate_on_a_missing_run_is_one_line(tmp_path, capsys):
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
 
 
-def test_evaluate_reports_fid_with_inception_weights(trained_run, random_inception_weights):
-    assert evaluate.main([trained_run, "--inception-weights", random_inception_weights]) == 0
+def test_evaluate_reports_fid_with_inception_weights(trained_run, random_inception_weights, monkeypatch):
+    # The real network on 2 + 2 images, then only 64 of its 2048 features: the full matrix square root costs 25 s
+    # on 2 cores, and test_metrics.py tests the maths; here what counts is that the weights reach the report.
+    real_features = metrics.inception_features
+    monkeypatch.setattr(metrics, "inception_features", lambda model, images: real_features(model, images)[:, :64])
+    assert evaluate.main([trained_run, "--inception-weights", random_inception_weights, "--eval-images", "2"]) == 0
     with open(os.path.join(trained_run, "metrics.json")) as f:
         quality = json.load(f)["generator"]
     assert quality["fid"] > 0 and "kid_x1e3" in quality and "test-split" in quality["fid_protocol"]

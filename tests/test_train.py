@@ -1,12 +1,17 @@
+import errno
 import json
 import os
+import re
+import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
+import checkpoint
 import main
-from cli import UserError
+from cli import UserError, run_cli
 from helpers import train_args, write_jpegs
 from models import build_models
 
@@ -44,9 +49,99 @@ def test_a_short_run_writes_events_config_samples_and_a_checkpoint(tmp_path):
     assert (ckpt["epoch"], ckpt["step"], ckpt["done_in_epoch"]) == (2, 8, 0)
 
 
+def test_a_short_run_has_a_loss_point_at_every_epochs_end_and_a_rate_over_training_time(tmp_path, monkeypatch):
+    real_metrics, real_clock, skipped = main.metrics.epoch_metrics, time.perf_counter, [0.0]
+
+    def slow_metrics(*args):
+        skipped[0] += 100  # as if the evaluation took 100 s: a clock that counted it would see under 1 image a second
+        return real_metrics(*args)
+
+    monkeypatch.setattr(main.metrics, "epoch_metrics", slow_metrics)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])
+    assert main.main(train_args(tmp_path, "--epochs", "2", "--run-name", "r", "--log-every", "1000")) == 0
+    events = EventAccumulator(str(tmp_path / "r"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    for tag in ("loss/D", "loss/G", "D(x)", "perf/images_per_sec"):
+        assert [e.step for e in events.Scalars(tag)] == [4, 8], tag
+    second_epoch = events.Scalars("perf/images_per_sec")[1].value  # 64 images, after the first epoch's evaluation
+    assert second_epoch > 1, second_epoch
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: [t for t in c.multiline.tag] for c in layout.category[0].chart}
+    assert {t for t in events.Tags()["scalars"] if any(re.fullmatch(p, t) for p in charts["D(x) and D(G(z))"])} == \
+        {"D(x)", "D(G(z))/D_step", "D(G(z))/G_step"}
+    assert {t for t in events.Tags()["scalars"] if any(re.fullmatch(p, t) for p in charts["loss_D and loss_G"])} == {"loss/D", "loss/G"}
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--dataset", "celeba", "--data-root", "NOWHERE"], "no CelebA images found"),
+    (["--synthetic-size", "16", "--batch", "8"], "the valid split has 1 decodable images"),
+    (["--dataset", "folder", "--data-root", "IMAGES", "--cache-dir", "A_FILE/cache"], "cannot create the cache folder"),
+])
+def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys, flags, phrase):
+    write_jpegs(str(tmp_path / "images"), [f"{i}.jpg" for i in range(30)])
+    (tmp_path / "a_file").write_text("")
+    paths = {"NOWHERE": tmp_path / "nowhere", "IMAGES": tmp_path / "images", "A_FILE/cache": tmp_path / "a_file" / "cache"}
+    argv = train_args(tmp_path / "runs", *[str(paths.get(f, f)) for f in flags])
+    assert run_cli(main.main, argv) == 2
+    assert phrase in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unwritable_logdir_or_a_full_disk_is_one_sentence_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    assert run_cli(main.main, train_args(tmp_path / "a_file" / "runs", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot create the run folder {tmp_path / 'a_file' / 'runs'}")
+
+    def disk_fills_up(grid, f, format):
+        f.write(b"\x89PNG half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(main, "save_image", disk_fills_up)
+    assert run_cli(main.main, train_args(tmp_path, "--epochs", "1", "--run-name", "r")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot write {tmp_path / 'r' / 'samples' / 'epoch_001.png'} (No space left on device)")
+    assert not [f for _, _, files in os.walk(tmp_path / "r") for f in files if f.endswith(".tmp")]
+
+
+def test_a_snapshot_or_a_detector_given_to_resume_is_one_line(tiny_run_copy, capsys):
+    run_dir = str(tiny_run_copy)
+    model, _, _, info = checkpoint.load_detector(run_dir)
+    checkpoint.save_detector(os.path.join(run_dir, "detector.pt"), model, 0.5, info["config"])
+    for path, kind in ((os.path.join(run_dir, "snapshots", "G_epoch001.pt"), "snapshot"), (os.path.join(run_dir, "detector.pt"), "detector")):
+        assert run_cli(main.main, ["--resume", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is a {kind} file, but --resume needs a training checkpoint; give the run folder" in err[0]
+
+
+def test_a_stale_temporary_checkpoint_is_replaced_by_the_next_write(tmp_path):
+    _, run_dir = run_to_end(tmp_path, "--run-name", "r", "--max-steps", "1")
+    stale = os.path.join(run_dir, "checkpoint.pt.tmp")
+    with open(stale, "wb") as f:
+        f.write(b"left by a crash mid-write")
+    cfg, ckpt = main.make_config(["--resume", run_dir, "--max-steps", "2"])
+    main.train(cfg, ckpt)
+    assert not os.path.exists(stale)
+    assert checkpoint.load(run_dir)["step"] == 2
+
+
+def test_an_old_checkpoint_whose_config_lacks_newer_flags_resumes(tmp_path):
+    _, run_dir = run_to_end(tmp_path, "--run-name", "r", "--max-steps", "2")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    old = torch.load(path, weights_only=True)
+    for key in ("eval_images", "sync_bn", "channels_last", "detector_data"):  # flags added after the run started
+        del old["config"][key]
+    old["config"]["retired_flag"] = 1  # and one no longer read
+    del old["format"], old["kind"]
+    checkpoint.save(old, path, "training")
+    cfg, ckpt = main.make_config(["--resume", run_dir, "--max-steps", "3"])
+    assert (cfg.eval_images, cfg.sync_bn, cfg.channels_last, cfg.detector_data) == (1000, False, True, None)  # the flags' defaults
+    assert main.train(cfg, ckpt)["step"] == 3
+    assert "retired_flag" not in json.loads(open(os.path.join(run_dir, "config.json")).read())
+
+
 def run_to_end(logdir, *extra):
     cfg, ckpt = main.make_config(train_args(logdir, "--epochs", "2", *extra))
-    return main.train(cfg, ckpt), cfg["run_dir"]
+    return main.train(cfg, ckpt), cfg.run_dir
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at an epoch's end
@@ -69,7 +164,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, stop_at):
 def test_resume_may_extend_training_but_not_change_the_model(tmp_path):
     _, run_dir = run_to_end(tmp_path, "--run-name", "r")
     cfg, ckpt = main.make_config(train_args(tmp_path, "--resume", run_dir, "--epochs", "3"))
-    assert cfg["epochs"] == 3 and cfg["ngf"] == 8 and ckpt["step"] == 8
+    assert cfg.epochs == 3 and cfg.ngf == 8 and ckpt["step"] == 8
     assert main.train(cfg, ckpt)["step"] == 12
     with pytest.raises(UserError, match="--ngf 16 differs from the checkpoint's 8"):
         main.make_config(["--resume", run_dir, "--ngf", "16"])
@@ -79,7 +174,7 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path):
     main.main(train_args(tmp_path, "--max-steps", "1", "--run-name", "r"))
     with pytest.raises(UserError, match="--resume"):
         main.make_config(train_args(tmp_path, "--run-name", "r"))
-    assert main.make_config(train_args(tmp_path))[0]["run_dir"].endswith("001-synthetic-32")
+    assert main.make_config(train_args(tmp_path))[0].run_dir.endswith("001-synthetic-32")
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -97,6 +192,26 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         run_to_end(tmp_path, "--run-name", "r")
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4  # the end of epoch 1, untouched
+
+
+def test_non_finite_weights_at_an_epochs_end_stop_the_run_before_anything_is_written(tmp_path, monkeypatch):
+    real_step, calls = main.train_step, []
+
+    def diverging_step(G, *args):
+        calls.append(1)
+        stats = real_step(G, *args)
+        if len(calls) == 8:  # the last step of epoch 2: the losses were finite, the update was not
+            with torch.no_grad():
+                next(G.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(main, "train_step", diverging_step)
+    with pytest.raises(UserError, match="diverged at step 8 \\(non-finite weights in G\\)"):
+        run_to_end(tmp_path, "--run-name", "r", "--log-every", "1000")
+    run = tmp_path / "r"
+    assert os.listdir(run / "snapshots") == ["G_epoch001.pt"]
+    assert sorted(os.listdir(run / "samples")) == ["epoch_001.png"]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.parametrize("source", [["--no-cache"], ["--cache-dir", "CACHE"]])
