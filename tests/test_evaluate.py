@@ -10,6 +10,7 @@ import data
 import checkpoint
 import evaluate
 import main
+import metrics
 from cli import run_cli
 from test_metrics import random_inception_weights  # noqa: F401 (a fixture shared with test_metrics.py)
 
@@ -63,6 +64,41 @@ def test_evaluate_reuses_the_stored_detector(trained_run):
     with open(os.path.join(trained_run, "metrics.json")) as f:
         after = json.load(f)
     assert after["detection"] == before["detection"]  # same detector, same seeded test fakes, same baseline
+
+
+def events_files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs if "tfevents" in f)
+
+
+def test_evaluate_leaves_one_events_file_and_no_scalar_twice(trained_run):
+    assert evaluate.main([trained_run]) == 0
+    assert evaluate.main([trained_run]) == 0  # a second report replaces the first
+    files = events_files(trained_run)
+    assert len(files) == 2 and sum(f.startswith("eval" + os.sep) for f in files) == 1, files  # training's, and the report's
+    events = EventAccumulator(os.path.join(trained_run, "eval"), size_guidance={"scalars": 0}).Reload()
+    assert len(events.Scalars("test_clean/raw_D/auc")) == 1
+    training = EventAccumulator(trained_run, size_guidance={"scalars": 0}).Reload()
+    assert len(training.Scalars("test_clean/raw_D/auc")) == 1  # main.py's report, untouched
+
+
+def test_evaluate_out_writes_the_report_elsewhere_and_leaves_the_run_alone(trained_run, tmp_path):
+    listing = lambda: sorted((d, f, os.path.getmtime(os.path.join(d, f))) for d, _, fs in os.walk(trained_run) for f in fs)
+    before = listing()
+    out = tmp_path / "report"
+    assert evaluate.main([trained_run, "--out", str(out), "--eval-images", "4"]) == 0
+    assert listing() == before
+    with open(out / "metrics.json") as f:
+        assert "4 test-split real images" in json.load(f)["protocol"]["test"]
+    assert events_files(out) == events_files(out)[:1] and len(events_files(out)) == 1
+    assert evaluate.main([trained_run, "--out", str(out), "--detector-steps", "2"]) == 0
+    assert sorted(os.listdir(out)) == sorted(["detector.pt", "metrics.json", events_files(out)[0]])
+    assert listing() == before  # the new detector went into --out, not into the run
+
+
+def test_thresholds_are_printed_with_the_digits_they_need():
+    assert metrics.format_threshold(0.99995) == "0.999950"
+    assert metrics.format_threshold(0.00012) == "0.00012"
+    assert metrics.format_threshold(0.5713) == "0.571"
 
 
 def test_detector_data_adds_labelled_faces(trained_run, tmp_path):
