@@ -35,7 +35,7 @@ def get_args_parser():
                    help="write metrics.json, TensorBoard and a fine-tuned detector.pt here instead (for reports on other data); "
                         "a detector.pt here is used before the run's")
     p.add_argument("--detector-steps", type=at_least(0), default=0,
-                   help="fine-tune a new detector.pt for this many steps first (0: use the run's detector.pt if it has one)")
+                   help="fine-tune a new detector.pt for this many steps first (0: use the one in --out or the run's, if there is one)")
     p.add_argument("--detector-data", default=None, metavar="DIR",
                    help="extra labelled faces for fine-tuning: DIR/real/ and DIR/fake/ (e.g. FaceForensics++ crops)")
     p.add_argument("--eval-images", type=at_least(2), default=1000, help="valid and test images used (each split)")

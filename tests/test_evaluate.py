@@ -74,11 +74,12 @@ def test_evaluate_leaves_one_events_file_and_no_scalar_twice(trained_run):
     assert evaluate.main([trained_run]) == 0
     assert evaluate.main([trained_run]) == 0  # a second report replaces the first
     files = events_files(trained_run)
-    assert len(files) == 2 and sum(f.startswith("eval" + os.sep) for f in files) == 1, files  # training's, and the report's
-    events = EventAccumulator(os.path.join(trained_run, "eval"), size_guidance={"scalars": 0}).Reload()
-    assert len(events.Scalars("test_clean/raw_D/auc")) == 1
-    training = EventAccumulator(trained_run, size_guidance={"scalars": 0}).Reload()
-    assert len(training.Scalars("test_clean/raw_D/auc")) == 1  # main.py's report, untouched
+    assert len([f for f in files if f.startswith("eval" + os.sep)]) == 1, files
+    assert len([f for f in files if os.sep not in f]) == 1, files  # the training log, untouched
+    for folder in {os.path.dirname(f) for f in files}:  # each folder is one run in TensorBoard
+        events = EventAccumulator(os.path.join(trained_run, folder), size_guidance={"scalars": 0}).Reload()
+        if "test_clean/raw_D/auc" in events.Tags()["scalars"]:
+            assert len(events.Scalars("test_clean/raw_D/auc")) == 1, folder
 
 
 def test_evaluate_out_writes_the_report_elsewhere_and_leaves_the_run_alone(trained_run, tmp_path):
@@ -93,6 +94,13 @@ def test_evaluate_out_writes_the_report_elsewhere_and_leaves_the_run_alone(train
     assert evaluate.main([trained_run, "--out", str(out), "--detector-steps", "2"]) == 0
     assert sorted(os.listdir(out)) == sorted(["detector.pt", "metrics.json", events_files(out)[0]])
     assert listing() == before  # the new detector went into --out, not into the run
+
+
+def test_evaluate_out_that_is_a_file_is_one_line(trained_run, tmp_path, capsys):
+    (tmp_path / "report.txt").write_text("not a folder")
+    assert run_cli(evaluate.main, [trained_run, "--out", str(tmp_path / "report.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file; give a folder" in err[0]
 
 
 def test_thresholds_are_printed_with_the_digits_they_need():
