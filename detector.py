@@ -204,7 +204,8 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
     the other half from one generator drawn at random, so earlier artefacts are caught too.
     real_batches: an endless iterator of real image batches in [-1, 1].
     extra_batches: optional endless iterator of (images, labels 1 = real) from --detector-data.
-    log(step, loss, images_per_second) is called every log_every steps.
+    A progress bar shows the steps, with the loss and images/s every log_every steps, when
+    log(step, loss, images_per_second) is also called.
     Real and fake images share one batch, so BatchNorm's running statistics describe the mix
     that eval-mode scoring will see. Returns the detector in eval mode.
     """
@@ -212,16 +213,22 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
     opt = torch.optim.Adam(det.parameters(), lr=lr, betas=(0.5, 0.999))
     transform = FrameAugment(image_size)
     t0 = time.time()
-    for step in range(1, steps + 1):
+    bar = tqdm(range(1, steps + 1), desc="detector fine-tuning", unit="step", dynamic_ncols=True)
+    for step in bar:
         x, y = _mixed_batch(generators, real_batches, extra_batches, nz, device)
         # label 1 = real: the GAN's own convention, so P(fake) = sigmoid(-logit) still holds
         loss = F.binary_cross_entropy_with_logits(det(augment(x, transform)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if log is not None and (step % log_every == 0 or step == steps):
-            log(step, loss.item(), step * len(x) / (time.time() - t0))
+        if step % log_every == 0 or step == steps:
+            value, speed = loss.item(), step * len(x) / (time.time() - t0)  # .item() waits for a GPU: only every log_every steps
+            bar.set_postfix(loss=f"{value:.4f}", images_per_s=f"{speed:.0f}")
+            if log is not None:
+                log(step, value, speed)
+    bar.set_postfix_str("recomputing BatchNorm statistics")
     recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, device, transform)
+    bar.close()
     return det.eval()
 
 

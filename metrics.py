@@ -10,13 +10,17 @@ runs everywhere, every epoch. FID and KID use torch-fidelity's port of the TF In
 (2015-12-05) from a local weights file, because many machines cannot download it.
 """
 
+import glob
 import json
+import math
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 import checkpoint
 import data
@@ -318,12 +322,11 @@ def build_detector(cfg, G, D, snapshots, train_set, *, steps, device, detector_d
     if detector_data:
         extra = data.endless(data.LabelledFolder(detector_data, "train", cfg["image_size"]), DETECTOR_BATCH // 2,
                         cfg.get("workers", 0), seed=cfg["seed"])
-    log(f"fine-tuning the detector for {steps} steps: {DETECTOR_BATCH} real + {DETECTOR_BATCH} fake images a step, "
-        f"fakes from the final G and {len(snapshots)} snapshots" + (f", plus {detector_data}" if detector_data else ""))
+    log(f"detector: fine-tuning a copy of the discriminator to tell real images from this GAN's fakes, for detect.py "
+        f"({steps} steps of {DETECTOR_BATCH} real + {DETECTOR_BATCH} fake images, fakes from the final G and "
+        f"{len(snapshots)} snapshots" + (f", plus {detector_data}" if detector_data else "") + ")")
     return detector.fine_tune(D, [G] + snapshots, real_batches, steps=steps, nz=cfg["nz"], device=device,
-                              image_size=cfg["image_size"], extra_batches=extra,
-                              log=lambda s, loss, ips: log(f"  detector step {s}/{steps}  loss {loss:.4f}  {ips:.0f} images/s"),
-                              log_every=max(1, steps // 10))
+                              image_size=cfg["image_size"], extra_batches=extra, log_every=max(1, min(50, steps // 10)))
 
 
 def with_frame_augment(images, image_size, seed):
@@ -335,9 +338,39 @@ def with_frame_augment(images, image_size, seed):
     return out
 
 
+def format_threshold(t):
+    """A threshold with the digits it needs: 0.99995 stays 0.999950, never "1"."""
+    gap = min(t, 1 - t)
+    return f"{t:.{max(3, math.ceil(-math.log10(gap)) + 1) if gap > 0 else 3}f}"
+
+
+def report_writer(folder):
+    """A TensorBoard writer for one report in folder, replacing the events file of any earlier report there.
+
+    A report's tags are the same every time, so two events files in one folder would show every
+    test_* scalar twice; only files this function wrote (named *.report) are removed.
+    """
+    for old in glob.glob(os.path.join(folder, "events.out.tfevents.*.report")):
+        os.remove(old)
+    return SummaryWriter(folder, filename_suffix=".report")
+
+
 def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images, inception_weights=None, detector_data=None,
-                 device="cpu", writer=None, log=print):
-    """The whole report; writes detector.pt (when detector_steps > 0) and metrics.json into run_dir, returns the report."""
+                 device="cpu", writer=None, log=print, out_dir=None):
+    """The whole report; returns it. Writes metrics.json (and detector.pt when detector_steps > 0) into out_dir.
+
+    out_dir (default run_dir) is for reports on other data; a detector.pt there is preferred to the run's.
+    """
+    out_dir = out_dir or run_dir
+    parts = ["real images", "detector", "spectrum baseline", "test scores", "SWD and FID", "done"]
+    progress = tqdm(total=len(parts) - 1, desc="report", dynamic_ncols=True, bar_format="{desc}: {n}/{total} parts{postfix} [{elapsed}]")
+    def start(i):  # the bar counts the finished parts and names the one under way
+        progress.n = i
+        progress.set_postfix_str(parts[i])
+    if log is print:
+        log = tqdm.write  # lines go above the bar, not through it
+
+    start(0)
     G, D = G.to(device).eval(), D.to(device).eval()
     nz, size, workers = cfg["nz"], cfg["image_size"], cfg.get("workers", 0)
     split = lambda name: data.build_dataset(cfg["dataset"], cfg["data_root"], name, size, cfg["synthetic_size"])
@@ -355,8 +388,10 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
         "snapshots": len(snapshots), "gan_step": step, "gan_epoch": epoch, "image_size": size,
     }}
 
-    # the fine-tuned detector: trained now, or the one already in run_dir
-    det_path = os.path.join(run_dir, "detector.pt")
+    # the fine-tuned detector: trained now, or the one already in out_dir or run_dir
+    start(1)
+    det_path = os.path.join(out_dir, "detector.pt")
+    found = next((p for p in (det_path, os.path.join(run_dir, "detector.pt")) if os.path.isfile(p)), None)
     det, threshold = None, None
     valid_x = torch.cat([valid_real, valid_fake, with_frame_augment(torch.cat([valid_real, valid_fake]), size, cfg["seed"])])
     valid_y = np.r_[np.zeros(len(valid_real)), np.ones(len(valid_fake))]
@@ -367,14 +402,15 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
         threshold = pick_threshold(detector.score_images(det, valid_x, device), valid_y)
         checkpoint.save_detector(det_path, det, threshold, cfg, method="fine-tuned", steps=detector_steps, gan_step=step,
                                snapshots=len(snapshots), detector_data=detector_data or "")
-        log(f"wrote {det_path} (threshold on P(fake): {threshold:.4f})")
-    elif os.path.isfile(det_path):
-        det, threshold, _, _ = checkpoint.load_detector(det_path, device)
-        log(f"using {det_path} (threshold {threshold:.4f}); pass --detector-steps N to fine-tune a new one")
+        log(f"wrote {det_path} (threshold on P(fake): {format_threshold(threshold)})")
+    elif found:
+        det, threshold, _, _ = checkpoint.load_detector(found, device)
+        log(f"using {found} (threshold {format_threshold(threshold)}); pass --detector-steps N to fine-tune a new one")
     else:
         log("no detector.pt and --detector-steps 0: the report has the raw discriminator and the baseline only")
 
     # the baseline, trained on the same kind of data as the detector
+    start(2)
     torch.manual_seed(cfg["seed"])
     n_spec = min(SPECTRUM_TRAIN_IMAGES, len(train_set))
     spec_real = detector.augment(data.load_images(train_set, n_spec, cfg["seed"], workers), detector.FrameAugment(size))
@@ -389,6 +425,7 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
                "spectrum": (lambda x: detector.spectrum_scores(spectrum, x), spec_threshold)}
     if det is not None:
         scorers["fine_tuned"] = (lambda x: detector.score_images(det, x, device), threshold)
+    start(3)
     labels = np.r_[np.zeros(len(test_real)), np.ones(len(test_fake))]
     report["detection"] = {}
     for condition, x in (("clean", torch.cat([test_real, test_fake])),
@@ -406,8 +443,10 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
                     writer.add_scalar(f"{tag}/{k}", report["detection"][condition][name][k], step)
 
     # how good the faces are
+    start(4)
     quality = {"swd_x1e3": sliced_wasserstein(test_real, test_fake),
-               "swd_protocol": f"{len(test_real)} test-split real vs {len(test_fake)} fakes, 128 7x7 patches per image and level, 512 directions"}
+               "swd_protocol": f"{len(test_real)} test-split real vs {len(test_fake)} fakes, 128 7x7 patches per image and level, "
+                               "128 random directions drawn 4 times"}
     inception, why = load_inception(inception_weights)
     if inception is None:
         quality["fid"] = None
@@ -426,10 +465,13 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
             writer.add_scalar("test/fid", quality["fid"], step)
             writer.add_scalar("test/kid_x1e3", quality["kid_x1e3"], step)
 
-    tmp = os.path.join(run_dir, "metrics.json.tmp")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "metrics.json.tmp")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "metrics.json"))
+    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    start(5)
+    progress.close()
     log(summary_table(report))
     return report
 
@@ -439,7 +481,7 @@ def summary_table(report):
     for condition, by_name in report["detection"].items():
         for name, m in by_name.items():
             rows.append(f"| {condition} | {name} | {m['auc']:.4f} | {m['ap']:.4f} | {m['eer']:.4f} | {m['tpr@1%fpr']:.4f} | "
-                        f"{m['accuracy']:.4f} @ {m['threshold']:.3g} |")
+                        f"{m['accuracy']:.4f} @ {format_threshold(m['threshold'])} |")
     g = report["generator"]
     rows.append(f"\nSWD x1e3 (avg over levels): {g['swd_x1e3']['avg']:.2f}  "
                 + ("FID: " + f"{g['fid']:.2f}, KID x1e3: {g['kid_x1e3']:.2f}" if g.get("fid") is not None else "FID: skipped"))

@@ -1,7 +1,10 @@
 """Draw images from a trained generator, without training.
 
     python sample.py runs/generative_model/001-celeba-64 --n 64 --out samples.png
-    python sample.py runs/generative_model/001-celeba-64 --n 1000 --separate fakes/   # one PNG per image
+    python sample.py runs/generative_model/001-celeba-64 --n 1000 --separate fakes/   # one PNG per image, no grid
+
+It writes only the paths it is given: the grid to --out (samples.png when neither --out nor
+--separate is given), the single images into --separate.
 """
 
 import math
@@ -21,9 +24,9 @@ def get_args_parser():
     p = ArgumentParser(description="Draw images from a trained DCGAN generator.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder or its checkpoint.pt")
     p.add_argument("--n", type=at_least(1), default=64, help="how many images")
-    p.add_argument("--out", default="samples.png", help="the grid PNG")
+    p.add_argument("--out", default=None, help="the grid PNG (default: samples.png, unless only --separate is given)")
     p.add_argument("--nrow", type=at_least(1), default=None, help="images per grid row (default: a square)")
-    p.add_argument("--separate", default=None, metavar="DIR", help="also write every image as its own PNG into DIR")
+    p.add_argument("--separate", default=None, metavar="DIR", help="write every image as its own PNG into DIR (and the grid only if --out is given)")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise")
     p.add_argument("--batch", type=at_least(1), default=256, help="images per forward pass")
     add_device_flag(p)
@@ -44,11 +47,13 @@ def main(argv=None):
     ckpt = checkpoint.load(args.checkpoint)
     G, _ = checkpoint.models_from(ckpt, args.checkpoint, device)
     images = generate(G, args.n, args.seed, args.batch, device)
-    nrow = args.nrow or math.ceil(math.sqrt(args.n))
-    make_folder(os.path.dirname(os.path.abspath(args.out)), "folder for --out")
-    kind = Image.registered_extensions().get(os.path.splitext(args.out)[1].lower())  # written through a temporary file, so named here
-    write_atomically(args.out, lambda f: save_image(images, f, format=kind, nrow=nrow, normalize=True, value_range=(-1, 1)))
-    print(f"wrote {args.n} samples (step {ckpt['step']}) to {args.out}")
+    out = args.out if args.out is not None or args.separate else "samples.png"
+    if out:
+        nrow = args.nrow or math.ceil(math.sqrt(args.n))
+        make_folder(os.path.dirname(os.path.abspath(out)), "folder for --out")
+        kind = Image.registered_extensions().get(os.path.splitext(out)[1].lower())  # written through a temporary file, so named here
+        write_atomically(out, lambda f: save_image(images, f, format=kind, nrow=nrow, normalize=True, value_range=(-1, 1)))
+        print(f"wrote {args.n} samples (step {ckpt['step']}) to {out}")
     if args.separate:
         os.makedirs(args.separate, exist_ok=True)
         for i, image in enumerate(images):

@@ -107,6 +107,19 @@ def test_sample_to_an_unwritable_or_full_place_is_one_line_and_leaves_no_tempora
     assert os.listdir(tmp_path) == ["a_file"]
 
 
+def test_sample_writes_nothing_outside_the_paths_it_is_given(tmp_path, monkeypatch):
+    main.main(train_args(tmp_path / "runs", "--max-steps", "1", "--run-name", "r"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the old default wrote samples.png here even with only --separate
+    files = lambda: sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    before = files()
+    assert sample.main([str(tmp_path / "runs" / "r"), "--n", "4", "--separate", str(tmp_path / "each")]) == 0
+    assert files() == sorted(before + [f"each/{i:06d}.png" for i in range(4)])
+    assert sample.main([str(tmp_path / "runs" / "r"), "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert files() == sorted(before + [f"each/{i:06d}.png" for i in range(4)] + ["grid.png"])
+
+
 def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
     args = train_args(tmp_path, "--synthetic-size", "4096", "--run-name", "r")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -73,6 +73,49 @@ def test_evaluate_reuses_the_stored_detector(trained_run):
     assert after["detection"] == before["detection"]  # same detector, same seeded test fakes, same baseline
 
 
+def events_files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs if "tfevents" in f)
+
+
+def test_evaluate_leaves_one_events_file_and_no_scalar_twice(trained_run):
+    assert evaluate.main([trained_run]) == 0
+    assert evaluate.main([trained_run]) == 0  # a second report replaces the first
+    files = events_files(trained_run)
+    assert len([f for f in files if f.startswith("eval" + os.sep)]) == 1, files
+    assert len([f for f in files if os.sep not in f]) == 1, files  # the training log, untouched
+    for folder in {os.path.dirname(f) for f in files}:  # each folder is one run in TensorBoard
+        events = EventAccumulator(os.path.join(trained_run, folder), size_guidance={"scalars": 0}).Reload()
+        if "test_clean/raw_D/auc" in events.Tags()["scalars"]:
+            assert len(events.Scalars("test_clean/raw_D/auc")) == 1, folder
+
+
+def test_evaluate_out_writes_the_report_elsewhere_and_leaves_the_run_alone(trained_run, tmp_path):
+    listing = lambda: sorted((d, f, os.path.getmtime(os.path.join(d, f))) for d, _, fs in os.walk(trained_run) for f in fs)
+    before = listing()
+    out = tmp_path / "report"
+    assert evaluate.main([trained_run, "--out", str(out), "--eval-images", "4"]) == 0
+    assert listing() == before
+    with open(out / "metrics.json") as f:
+        assert "4 test-split real images" in json.load(f)["protocol"]["test"]
+    assert events_files(out) == events_files(out)[:1] and len(events_files(out)) == 1
+    assert evaluate.main([trained_run, "--out", str(out), "--detector-steps", "2"]) == 0
+    assert sorted(os.listdir(out)) == sorted(["detector.pt", "metrics.json", events_files(out)[0]])
+    assert listing() == before  # the new detector went into --out, not into the run
+
+
+def test_evaluate_out_that_is_a_file_is_one_line(trained_run, tmp_path, capsys):
+    (tmp_path / "report.txt").write_text("not a folder")
+    assert run_cli(evaluate.main, [trained_run, "--out", str(tmp_path / "report.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file; give a folder" in err[0]
+
+
+def test_thresholds_are_printed_with_the_digits_they_need():
+    assert metrics.format_threshold(0.99995) == "0.999950"
+    assert metrics.format_threshold(0.00012) == "0.00012"
+    assert metrics.format_threshold(0.5713) == "0.571"
+
+
 def test_detector_data_adds_labelled_faces(trained_run, tmp_path, monkeypatch):
     for label, seed in (("real", 0), ("fake", 9)):
         os.makedirs(tmp_path / label)
