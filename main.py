@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import glob
 import json
 import math
 import os
@@ -393,7 +394,10 @@ def train(cfg, ckpt=None):
     if interrupted:
         print(f"stopped at step {run.step}; continue with: python main.py --resume {cfg.run_dir}", file=sys.stderr)
     elif run.is_main:
-        print(f"done at epoch {run.epoch}, step {run.step}; run folder: {cfg.run_dir}")
+        grids = sorted(glob.glob(os.path.join(cfg.run_dir, "samples", "*.png")), key=os.path.getmtime)
+        print(f"done at epoch {run.epoch}, step {run.step}; run folder: {cfg.run_dir}"
+              + (f"; last sample grid: {grids[-1]}" if grids else "")
+              + f"\nsee the curves and grids with: tensorboard --logdir={os.path.dirname(os.path.normpath(cfg.run_dir))}")
     stats = {k: v.item() for k, v in last.items()} if last is not None else {}
     return {**stats, "step": run.step, "epoch": run.epoch, "interrupted": bool(interrupted)}
 
@@ -443,9 +447,14 @@ def detector_and_report(run, cfg):
     # plain copies: with --sync-bn the networks' BatchNorm would wait for ranks that have finished
     G_eval, D_eval = build_models(cfg.to_dict())
     G_eval.load_state_dict(run.G.state_dict()), D_eval.load_state_dict(run.D.state_dict())
-    metrics.evaluate_run(cfg.to_dict(), G_eval.to(run.device), D_eval.to(run.device), cfg.run_dir, step=run.step, epoch=run.epoch,
-                         detector_steps=cfg.detector_steps, eval_images=cfg.eval_images, inception_weights=cfg.inception_weights,
-                         detector_data=cfg.detector_data, device=run.device, writer=run.writer)
+    # the report's TensorBoard is RUN/eval, where evaluate.py writes its reports too (each replacing the last)
+    writer = metrics.report_writer(os.path.join(cfg.run_dir, "eval"))
+    try:
+        metrics.evaluate_run(cfg.to_dict(), G_eval.to(run.device), D_eval.to(run.device), cfg.run_dir, step=run.step, epoch=run.epoch,
+                             detector_steps=cfg.detector_steps, eval_images=cfg.eval_images, inception_weights=cfg.inception_weights,
+                             detector_data=cfg.detector_data, device=run.device, writer=writer)
+    finally:
+        writer.close()
 
 
 def check_finite(stats, step, run_dir, **networks):

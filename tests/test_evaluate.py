@@ -59,9 +59,11 @@ def test_epoch_metrics_and_report_reach_tensorboard(trained_run):
     scalars = set(events.Tags()["scalars"])
     assert {"raw_D/auc", "raw_D/accuracy", "swd/avg", "swd/32", "swd/16"} <= scalars
     assert len(events.Scalars("swd/avg")) == 2  # one per epoch
-    assert {"test_clean/fine_tuned/auc", "test_jpeg50/spectrum/auc", "test_jpeg50/raw_D/eer"} <= scalars
-    assert "test_clean/fine_tuned" in events.Tags()["tensors"]  # the PR curve
-    assert "test_clean/fine_tuned/scores_fake" in events.Tags()["histograms"]
+    report = EventAccumulator(os.path.join(trained_run, "eval"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}).Reload()
+    assert {"test_clean/fine_tuned/auc", "test_jpeg50/spectrum/auc", "test_jpeg50/raw_D/eer"} <= set(report.Tags()["scalars"])
+    assert "test_clean/fine_tuned" in report.Tags()["tensors"]  # the PR curve
+    assert "test_clean/fine_tuned/scores_fake" in report.Tags()["histograms"]
+    assert not scalars & set(report.Tags()["scalars"])  # the report is not also in the training log
 
 
 def test_evaluate_reuses_the_stored_detector(trained_run):
