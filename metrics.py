@@ -69,11 +69,28 @@ def detection_metrics(scores, labels, threshold=None):
 
 def video_table(reports):
     """{part: detection_metrics at the threshold} -> a Markdown table."""
-    rows = ["| part | videos (real + fake) | AUC | AP | EER | accuracy | fakes caught | real called fake |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| part | videos (real + fake) | AUC | AP | EER | accuracy | fakes caught | real called fake | fake above its real twin |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for part, m in reports.items():
+        wins, pairs = m.get("pairs_fake_above_real", (0, 0))
         rows.append(f"| {part} | {m['n_real']} + {m['n_fake']} | {m['auc']:.3f} | {m['ap']:.3f} | {m['eer']:.3f} | "
-                    f"{m['accuracy']:.3f} | {m['tpr']:.3f} | {m['fpr']:.3f} |")
+                    f"{m['accuracy']:.3f} | {m['tpr']:.3f} | {m['fpr']:.3f} | {f'{wins} of {pairs}' if pairs else '-'} |")
     return "\n".join(rows)
+
+
+def pair_wins(scores, root):
+    """{path: score} -> (pairs where the fake scored above its real twin, pairs), for real/NAME and fake/NAME under root.
+
+    Where a fake is made from a real video (the same frames, the face swapped), this is the
+    cleanest test: scene, camera and compression are the same on both sides.
+    """
+    pairs = []
+    for path, s in scores.items():
+        rel = os.path.relpath(path, root).split(os.sep)
+        twin = os.path.join(root, "fake", *rel[1:])
+        if rel[0] == "real" and twin in scores and s is not None and scores[twin] is not None:
+            pairs.append(scores[twin] > s)
+    return int(sum(pairs)), len(pairs)
 
 
 def video_evaluation(items, scores, threshold, root):
@@ -87,6 +104,7 @@ def video_evaluation(items, scores, threshold, root):
               "files": {path: {"label": int(label), "score": None if np.isnan(s) else float(s)} for (path, label), s in zip(items, scores)}}
     if len(set(labels[scored])) == 2:
         report["overall"] = detection_metrics(scores[scored], labels[scored], threshold)
+    report["pairs_fake_above_real"] = pair_wins({p: v["score"] for p, v in report["files"].items()}, root)
     for sub in sorted({os.path.relpath(p, root).split(os.sep)[0] for p, _ in items}):
         inside = np.array([os.path.relpath(p, root).split(os.sep)[0] == sub for p, _ in items]) & scored
         s = scores[inside]
@@ -103,6 +121,9 @@ def video_evaluation_table(report):
         rows.append(f"| {sub} | {r['label']} | {r['videos']} | {mean} | {r['called_fake']} of {r['videos']} |")
     if "overall" in report:
         rows.append("\n" + video_table({"overall": report["overall"]}))
+    wins, pairs = report["pairs_fake_above_real"]
+    if pairs:
+        rows.append(f"\nreal/fake pairs of the same frames: the fake scored above its real twin in {wins} of {pairs}")
     rows.append(f"\nthreshold on P(fake) {report['threshold']:.4g}; {report['no_face']} of {report['videos']} videos without a face left out")
     return "\n".join(rows)
 

@@ -117,11 +117,12 @@ def real_images(cfg, n, image_size, seed):
     return data.to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
-def video_report(model, part, threshold, device):
+def video_report(model, part, threshold, device, root):
     scores = detector.video_scores(model, [v[2] for v in part], device)
     labels = np.array([v[1] for v in part])
     m = metrics.detection_metrics(scores, labels, threshold)
     m["videos"] = {v[0]: {"label": int(v[1]), "score": float(s)} for v, s in zip(part, scores)}
+    m["pairs_fake_above_real"] = metrics.pair_wins({p: v["score"] for p, v in m["videos"].items()}, root)
     return m
 
 
@@ -220,11 +221,11 @@ def main(argv=None):
 
     valid_scores = detector.video_scores(model, valid[0], device)
     threshold = metrics.pick_threshold(valid_scores, valid_labels)
-    report["valid"] = video_report(model, parts["valid"], threshold, device)
+    report["valid"] = video_report(model, parts["valid"], threshold, device, args.data)
     report["training"] = {"steps": last_step, "best_step": best_step, "batch": args.batch, "lr": args.lr, "minutes": round(minutes, 1),
                           "device": str(device), "interrupted": bool(interrupted)}
     if parts["test"]:
-        report["test"] = video_report(model, parts["test"], threshold, device)
+        report["test"] = video_report(model, parts["test"], threshold, device, args.data)
         t = report["test"]
         writer.add_scalar("detector/test_auc", t["auc"], best_step)
         writer.add_image("detector/test_scores", metrics.score_chart(np.array([v["score"] for v in t["videos"].values()]),

@@ -177,3 +177,11 @@ def test_a_run_that_is_not_a_run_folder_gets_one_line(tmp_path, folder, capsys):
     assert run_cli(train_detector.main, [str(tmp_path / "empty"), "--data", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no checkpoint.pt" in err[0]
+
+
+def test_pairs_compare_each_fake_with_its_own_real_video():
+    scores = {"/d/real/a.mp4": 0.2, "/d/fake/a.mp4": 0.5,   # caught
+              "/d/real/b.mp4": 0.6, "/d/fake/b.mp4": 0.4,   # the fake looks more real than its twin
+              "/d/real/c.mp4": 0.1, "/d/fake/x.mp4": 0.9,   # no twins
+              "/d/real/d.mp4": None, "/d/fake/d.mp4": 0.3}  # no face in the real one: not a pair
+    assert metrics.pair_wins(scores, "/d") == (1, 2)
