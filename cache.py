@@ -243,7 +243,10 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     """
     from faces import face_crops  # faces and video pull in OpenCV and PyAV, which the GAN's cache does not need
     from video import input_frames
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # a dangling link, a file removed since it was listed
+        raise UserError(f"cannot be read ({e.strerror or e})") from None
     key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
                                      image_size, CROP, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "faces")

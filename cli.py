@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import sys
 
 import torch
@@ -78,6 +79,14 @@ def below_one(text):
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def regex(text):
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"is not a regular expression ({e})") from None
+    return text
 
 
 def probability(text):

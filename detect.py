@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import av
 from checkpoint import load_detector
-from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, probability, run_cli
+from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli
 from data import IMAGE_EXTENSIONS, list_images
 from detector import NO_FACE, score_input
 import faces
@@ -306,7 +306,7 @@ def print_table(results):
 
 def extract(inputs, finder, args):
     """Write every face crop of every sampled frame as a PNG (lossless: training reads the crop that would be scored)."""
-    os.makedirs(args.extract, exist_ok=True)
+    make_folder(args.extract, "--extract folder")
     failed, taken = 0, set()
     for path, kind, problem in tqdm(inputs, desc="files", unit="file", dynamic_ncols=True):
         try:
@@ -351,7 +351,7 @@ def main(argv=None):
     if detector_kind == "raw discriminator":
         print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        make_folder(args.out, "--out folder")
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

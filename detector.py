@@ -400,6 +400,13 @@ def video_scores(model, videos, device, batch=128):
     return np.array(out)
 
 
+def to_size(images, size):
+    """(N, C, s, s) -> (N, C, size, size), bilinear with antialiasing: the GAN's images and fakes at the detector's size alike."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 class Batches:
     """Training batches: `batch` real faces against `batch` fakes shared among the chosen sources, augmented.
 
@@ -440,8 +447,7 @@ class Batches:
                 G = self.generators[int(torch.randint(len(self.generators), (), generator=self.g))]
                 z = torch.randn(n, self.nz, generator=self.g)
                 x = draw_samples(G, z.to(next(G.parameters()).device)).float().cpu()
-                fakes.append(quantize(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                                    antialias=True)))
+                fakes.append(quantize(to_size(x, self.size)))
         x = torch.cat([real, *fakes])
         y = torch.cat([torch.zeros(len(real)), torch.ones(len(x) - len(real))])  # 1 = fake
         return augment(x, self.transform).to(self.device), y.to(self.device)

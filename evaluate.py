@@ -69,7 +69,7 @@ def evaluate_videos(args):
     import data
     import detector
     import faces
-    from cli import UserError
+    from cli import UserError, write_atomically
     from video import VIDEO_EXTENSIONS, media_kind
 
     device = pick_device(args.device)
@@ -78,8 +78,8 @@ def evaluate_videos(args):
     if args.part:
         if "split" not in info:
             raise UserError(f"--part needs a detector.pt written by train_detector.py (it stores the split); {args.run} has a {kind}")
-        chosen = {os.path.abspath(f) for f in info["split"][args.part]["files"]}
-        items = [(p, label) for p, label in items if os.path.abspath(p) in chosen]
+        chosen = set(info["split"][args.part]["files"])  # relative to the folder the detector was trained on
+        items = [(p, label) for p, label in items if os.path.relpath(p, args.videos) in chosen]
         if not items:
             raise UserError(f"none of the files under {args.videos} is in the detector's {args.part} part (it was trained on {info['data']})")
     settings = info.get("faces", {"faces": "haar", "max_faces": 1, "detect_size": 320})
@@ -102,8 +102,7 @@ def evaluate_videos(args):
     det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
     name = f"{det_name}-videos-{os.path.basename(os.path.normpath(args.videos))}" + (f"-{args.part}" if args.part else "") + ".json"
     out = os.path.join(checkpoint.run_dir_of(args.run), name)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_atomically(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {out}")
     return 0
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 import checkpoint
-from cli import ArgumentParser, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically
+from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically
 from models import draw_samples
 
 
@@ -43,6 +43,8 @@ def generate(G, n, seed, batch, device):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.out is not None and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise UserError(f"--out {args.out} needs an image file ending such as .png or .jpg")
     device = pick_device(args.device)
     ckpt = checkpoint.load(args.checkpoint)
     G, _ = checkpoint.models_from(ckpt, args.checkpoint, device)
@@ -55,7 +57,7 @@ def main(argv=None):
         write_atomically(out, lambda f: save_image(images, f, format=kind, nrow=nrow, normalize=True, value_range=(-1, 1)))
         print(f"wrote {args.n} samples (step {ckpt['step']}) to {out}")
     if args.separate:
-        os.makedirs(args.separate, exist_ok=True)
+        make_folder(args.separate, "--separate folder")
         for i, image in enumerate(images):
             save_image(image, os.path.join(args.separate, f"{i:06d}.png"), normalize=True, value_range=(-1, 1))
         print(f"wrote {args.n} images to {args.separate}")

@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import cache
@@ -40,7 +39,8 @@ import data
 import detector
 import faces
 import metrics
-from cli import ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, probability, run_cli
+from cli import (ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, probability, regex, run_cli,
+                 write_atomically)
 from models import IMAGE_SIZES
 from video import VIDEO_EXTENSIONS, media_kind
 
@@ -55,7 +55,7 @@ def get_args_parser():
     faces.add_flags(g, at_least)
     g.add_argument("--cache-dir", default="data/cache", help="face crops are cached here, per file and settings")
     g = p.add_argument_group("split")
-    g.add_argument("--group-by", default=data.DEFAULT_GROUP, metavar="REGEX",
+    g.add_argument("--group-by", type=regex, default=data.DEFAULT_GROUP, metavar="REGEX",
                    help="the identity of a file: this regex's first group (or whole match) on the file stem; files of one identity stay in one part")
     g.add_argument("--valid", type=probability, default=0.2, help="share of the files for validation (threshold and model choice)")
     g.add_argument("--test", type=probability, default=0.2, help="share of the files held out for the final test")
@@ -108,12 +108,16 @@ def describe(part):
 
 
 def real_images(cfg, n, image_size, seed):
-    """n of the GAN run's real training images at the detector's size, as uint8 (N, S, S, 3)."""
+    """n of the GAN run's real training images, as uint8 (N, S, S, 3) at the detector's size.
+
+    Read at the GAN's own size and scaled up exactly as its fakes are, so that softness is
+    not what tells the GAN's fakes from its real images.
+    """
     try:
-        dataset = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", image_size, cfg["synthetic_size"])
+        dataset = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["synthetic_size"])
     except UserError as e:
         raise UserError(f"the run's training images are needed for --real-images: {e}; pass --real-images 0 to go without them") from None
-    images = data.load_images(dataset, n, seed)
+    images = detector.to_size(data.load_images(dataset, n, seed), image_size)
     return data.to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
@@ -137,6 +141,8 @@ def main(argv=None):
     sources = [s for s, on in zip(detector.SOURCES, (args.labelled_fakes, args.sbi, args.gan_fakes)) if on]
     if not sources:
         raise UserError("every source of fakes is switched off; keep at least one of --labelled-fakes, --sbi, --gan-fakes")
+    if args.valid == 0:
+        raise UserError("--valid 0 leaves no validation videos, and the model and its threshold are chosen on them; give a share above 0")
     if args.valid + args.test >= 1:
         raise UserError(f"--valid {args.valid} and --test {args.test} leave nothing to train on; keep their sum below 1")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
@@ -152,10 +158,11 @@ def main(argv=None):
         if {v[1] for v in parts[name]} != {0, 1}:
             raise UserError(f"after leaving out unreadable and faceless files, the {name} part lacks real or fake videos; "
                             "add videos or check the warnings above")
+    # files are kept relative to DIR, so that evaluate.py --part finds them from any working folder
     report = {"sources": sources, "image_size": args.image_size, "init": args.init, "frames": args.frames, "faces": settings,
               "group_by": args.group_by, "data": os.path.abspath(args.data),
-              "split": {name: {"identities": identities[name], **describe(parts[name]), "files": [v[0] for v in parts[name]]}
-                        for name in parts}}
+              "split": {name: {"identities": identities[name], **describe(parts[name]),
+                               "files": [os.path.relpath(v[0], args.data) for v in parts[name]]} for name in parts}}
     for name in parts:
         d = report["split"][name]
         print(f"{name:>5}: {len(d['identities'])} identities, {d['videos_real']} real + {d['videos_fake']} fake videos, "
@@ -166,13 +173,12 @@ def main(argv=None):
     real_video = np.concatenate([v[2] for v in train if v[1] == 0])
     fake_video = np.concatenate([v[2] for v in train if v[1] == 1]) if "labelled" in sources else None
     extra = real_images(cfg, args.real_images, args.image_size, args.seed) if args.real_images and ("sbi" in sources or "gan" in sources) else None
+    G, D = checkpoint.models_from(ckpt, args.run)
     generators = []
     if "gan" in sources:
-        G, D = checkpoint.models_from(ckpt, args.run, device)
-        generators = [G.eval()] + checkpoint.load_snapshots(run_dir, cfg, device, exclude_epoch=ckpt["epoch"])
+        generators = [G.to(device).eval()] + checkpoint.load_snapshots(run_dir, cfg, device, exclude_epoch=ckpt["epoch"])
     model = checkpoint.build_detector(checkpoint.detector_config(cfg, args.image_size))
     if args.init == "gan":
-        _, D = checkpoint.models_from(ckpt, args.run)
         copied = detector.init_from(model, D)
         print(f"init: {len(copied)} of {len(model.state_dict())} tensors from the run's discriminator")
     batches = detector.Batches(real_video, fake_video, extra, generators, sources, batch=args.batch, image_size=args.image_size,
@@ -189,7 +195,7 @@ def main(argv=None):
         tqdm.write("stopping after this step and keeping the best detector so far (Ctrl-C again to stop at once)", file=sys.stderr)
     previous = signal.signal(signal.SIGINT, on_sigint)
 
-    writer = SummaryWriter(os.path.join(run_dir, "detector"))
+    writer = metrics.report_writer(os.path.join(run_dir, "detector"))  # one training's curves at a time: a new run replaces them
     bar = tqdm(total=args.steps, desc="detector", unit="step", dynamic_ncols=True)
     valid = ([v[2] for v in parts["valid"]], [v[1] for v in parts["valid"]])
     valid_labels = np.array(valid[1])
@@ -232,8 +238,7 @@ def main(argv=None):
                                                                       np.array([v["label"] for v in t["videos"].values()]), threshold), best_step)
     writer.close()
     checkpoint.save_detector(out, model.cpu(), threshold, cfg, checkpoint.detector_config(cfg, args.image_size), method="trained", **report)
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+    write_atomically(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))
 
     print(f"best validation video AUC {best_auc:.3f} at step {best_step} of {last_step} ({minutes:.1f} min); "
           f"threshold on P(fake) {threshold:.4g}, picked on {len(valid[0])} validation videos")

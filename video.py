@@ -134,7 +134,11 @@ def read_image(path):
 
 def input_frames(path, kind, frames=32, every=None):
     """-> (info, iterator of (index, seconds, RGB frame)); raises UserError for an input that cannot be read."""
-    if os.path.getsize(path) == 0:
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:  # a dangling link, a file removed since it was listed
+        raise UserError(f"cannot be read ({e.strerror or e})") from None
+    if empty:
         raise UserError("is an empty file (0 bytes)")
     if kind == "image":
         frame = read_image(path)

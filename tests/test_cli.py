@@ -141,3 +141,15 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path):
 def test_sampling_a_file_without_a_generator_and_discriminator_says_so(tiny_run):
     snapshot = os.path.join(tiny_run, "snapshots", "G_epoch001.pt")
     assert_one_clear_line(run("sample.py", snapshot), "is a snapshot file", "give the run folder")
+
+
+def test_output_paths_that_are_files_or_unknown_kinds_get_one_line(tmp_path, capsys):
+    import detect
+    import sample
+    from cli import run_cli
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    assert run_cli(detect.main, [str(tmp_path / "face.png"), "--faces", "none", "--extract", str(tmp_path / "taken")]) == 2
+    assert run_cli(sample.main, [str(tmp_path), "--out", str(tmp_path / "grid")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "cannot create the --extract folder" in err[0] and "needs an image file ending" in err[1]
