@@ -346,25 +346,44 @@ def labelled_media(root, extensions, loose=False):
     return items
 
 
-def group_of(path, pattern=DEFAULT_GROUP):
-    """The identity a file belongs to, from its stem: the regex's first group, or its whole match."""
+def identities_of(path, pattern=DEFAULT_GROUP):
+    """The identities a file shows, from its stem: every match of the regex (its first group, if it has one).
+
+    The default matches the whole stem less a trailing _N, one identity per file. A pattern that
+    matches several times names several: with \\d+ FaceForensics++'s 000_003 (the frames of 000, the
+    face of 003) shows 000 and 003.
+    """
     stem = os.path.splitext(os.path.basename(path))[0]
-    m = re.search(pattern, stem)
-    if m is None:
-        return stem
-    return m.group(1) if m.groups() and m.group(1) is not None else m.group(0)
+    found = [m.group(1) if m.groups() and m.group(1) is not None else m.group(0) for m in re.finditer(pattern, stem)]
+    return [f for f in found if f] or [stem]
 
 
 def split_by_group(items, pattern=DEFAULT_GROUP, valid=0.2, test=0.2, seed=0):
     """[(path, label)] -> {"train", "valid", "test": [(path, label)]}, every identity in one part only.
 
-    Identities are shuffled by a seeded hash of their names and dealt out to test and valid
-    until each holds about its share of the files; the rest train. Each part needs real and
-    fake files. Returns the parts and the identities in each.
+    Files that share an identity are one group (000_003 joins both 000 and 003). Groups are
+    shuffled by a seeded hash of their names and dealt out to test and valid until each holds
+    about its share of the files; the rest train. Each part needs real and fake files.
+    Returns the parts and the groups in each.
     """
+    parent = {}  # union-find over identities: a file showing two of them joins their groups
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    shown = [identities_of(path, pattern) for path, _ in items]
+    for ids in shown:
+        for other in ids[1:]:
+            parent[root(other)] = root(ids[0])
+    members = {}
+    for ids in shown:
+        members.setdefault(root(ids[0]), set()).update(ids)
     groups = {}
-    for path, label in items:
-        groups.setdefault(group_of(path, pattern), []).append((path, label))
+    for (path, label), ids in zip(items, shown):
+        groups.setdefault("+".join(sorted(members[root(ids[0])])), []).append((path, label))
     order = sorted(groups, key=lambda g: zlib.crc32(f"{seed}:{g}".encode()))
     parts = {"test": [], "valid": [], "train": []}
     want = {"test": test * len(items), "valid": valid * len(items)}

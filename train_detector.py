@@ -8,7 +8,7 @@ DIR holds real/ and fake/, each with videos and/or face images, searched recursi
 shape of FaceForensics++'s original and manipulated sequences). Faces are found, sampled
 and cropped exactly as detect.py does it, and cached. Videos are split into train,
 validation and test parts by identity (the file stem without a trailing _N, or
---group-by), never by frame. The fakes come from up to three sources:
+--group-by: a file showing two identities joins both), never by frame. The fakes come from up to three sources:
 
     labelled  the faces of DIR/fake/
     sbi       self-blended faces (Shiohara & Yamasaki 2022): each real face pasted onto a
@@ -56,7 +56,8 @@ def get_args_parser():
     g.add_argument("--cache-dir", default="data/cache", help="face crops are cached here, per file and settings")
     g = p.add_argument_group("split")
     g.add_argument("--group-by", type=regex, default=data.DEFAULT_GROUP, metavar="REGEX",
-                   help="the identity of a file: this regex's first group (or whole match) on the file stem; files of one identity stay in one part")
+                   help="the identities a file shows: every match of this regex on its stem (its first group, if any); files that share "
+                        "an identity stay in one part. FaceForensics++ (000_003: the frames of 000, the face of 003): --group-by '\\d+'")
     g.add_argument("--valid", type=probability, default=0.2, help="share of the files for validation (threshold and model choice)")
     g.add_argument("--test", type=probability, default=0.2, help="share of the files held out for the final test")
     g = p.add_argument_group("fakes")

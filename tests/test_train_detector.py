@@ -72,14 +72,25 @@ def test_no_video_and_no_identity_lands_in_two_parts():
         for part, chosen in parts.items():
             assert {label for _, label in chosen} == {0, 1}
             for f, _ in chosen:
-                assert owner.setdefault(data.group_of(f), part) == part  # A_0, A_1, A_2 in one part
+                assert owner.setdefault(data.identities_of(f)[0], part) == part  # A_0, A_1, A_2 in one part
         assert set(names["test"]).isdisjoint(names["train"]) and set(names["valid"]).isdisjoint(names["train"])
 
 
 def test_group_by_regex_and_default_stem():
-    assert data.group_of("x/Keanu_Reeves_0.mp4") == data.group_of("y/Keanu_Reeves_1.mp4") == "Keanu_Reeves"
-    assert data.group_of("000_003.mp4") == "000"  # FaceForensics++: a fake of target 000 stays with real 000
-    assert data.group_of("clip-07-take2.mp4", r"clip-(\d+)") == "07"
+    assert data.identities_of("x/Keanu_Reeves_0.mp4") == data.identities_of("y/Keanu_Reeves_1.mp4") == ["Keanu_Reeves"]
+    assert data.identities_of("clip-07-take2.mp4", r"clip-(\d+)") == ["07"]
+    assert data.identities_of("000_003.mp4", r"\d+") == ["000", "003"]  # FaceForensics++: target 000's frames, 003's face
+
+
+def test_a_file_showing_two_identities_joins_their_groups():
+    # FaceForensics++ names: a fake NNN_MMM shows the frames of NNN and the face of MMM
+    items = [(f"/d/real/{i:03d}.mp4", 0) for i in range(10)] + [(f"/d/fake/{i:03d}_{(i + 1) % 10:03d}.mp4", 1) for i in range(0, 10, 2)]
+    parts, names = data.split_by_group(items, pattern=r"\d+", valid=0.2, test=0.2, seed=3)
+    where = {}
+    for part, chosen in parts.items():
+        for path, _ in chosen:
+            for ident in data.identities_of(path, r"\d+"):
+                assert where.setdefault(ident, part) == part, f"{ident} is in {where[ident]} and {part}"
 
 
 def test_too_few_identities_to_split_is_one_clear_error():
