@@ -11,6 +11,7 @@ used. It is built in a temporary folder and renamed into place in one step, so a
 interrupted build leaves no cache behind, only a temporary folder the next build removes.
 """
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -230,18 +231,19 @@ def _decode_chunk(job):
 # -----------------------------------------------------------------------------
 # face crops of videos, for the detector: found once per file and settings
 
-FACES_FORMAT = 1
+FACES_FORMAT = 2  # 2: the faces of the main tracks, with their frames
 
 
 def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
-    """The face crops of one video or image, found and cropped as detect.py does it -> (N, S, S, 3) uint8 array.
+    """The face crops of one video or image that detect.py would score -> (uint8 (N, S, S, 3), frame positions (N,)).
 
-    One crop per face of every sampled frame (the largest --max-faces), resized as detect.py
-    resizes it for the model. Kept in cache_dir/faces/ under a key of the file (path, size,
-    modification time) and every setting, so a second run decodes nothing. Raises UserError
-    for a file that cannot be read.
+    Found, followed across frames and cropped as detect.py does it (the faces of the main
+    --max-faces tracks, resized as detect.py resizes them for the model); frame positions
+    number the sampled frames, so a video's score can be taken per frame as detect.py takes
+    it. Kept in cache_dir/faces/ under a key of the file (path, size, modification time) and
+    every setting, so a second run decodes nothing. Raises UserError for a file that cannot be read.
     """
-    from faces import face_crops  # faces and video pull in OpenCV and PyAV, which the GAN's cache does not need
+    from faces import EXTRA_CANDIDATES, face_crops, keep_tracks  # OpenCV and PyAV, which the GAN's cache does not need
     from video import input_frames
     try:
         st = os.stat(path)
@@ -250,21 +252,34 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
                                      image_size, CROP, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "faces")
-    target = os.path.join(folder, f"{key}.npy")
+    target = os.path.join(folder, f"{key}.npz")
     try:
-        return np.load(target)
-    except (OSError, ValueError):
+        with np.load(target) as cached:
+            return cached["faces"], cached["frames"]
+    except (OSError, ValueError, KeyError):
         pass  # not cached yet, or a damaged file: decode again
-    info, decoded = input_frames(path, kind, frames)
+    _, decoded = input_frames(path, kind, frames)
     resize = data.resize_crop(image_size)
-    crops = [np.asarray(resize(crop)) for _, _, frame in decoded for _, _, crop in face_crops(frame, finder)]
-    out = np.stack(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
+    limit = None if finder is None else finder.max_faces + EXTRA_CANDIDATES
+    records, crops = [], []
+    for position, (_, _, frame) in enumerate(decoded):
+        found = []
+        for box, _, crop in face_crops(frame, finder, limit):
+            found.append({"box": list(box), "crop": len(crops)})
+            crops.append(np.asarray(resize(crop)))
+        records.append({"position": position, "faces": found})
+    keep_tracks(records, finder)
+    kept = [(r["position"], f["crop"]) for r in records for f in r["faces"]]
+    faces = np.stack([crops[c] for _, c in kept]) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
+    positions = np.array([p for p, _ in kept], dtype=np.int64)
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{target}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.save(f, out)
+            np.savez(f, faces=faces, frames=positions)
         os.replace(tmp, target)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise UserError(f"cannot write the face cache in {folder} ({e.strerror or e}); free space there or pass another --cache-dir") from None
-    return out
+    return faces, positions

@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter, ImageOps
 from tqdm import tqdm
 
 from data import normalize_uint8, preprocess, quantize, to_float, to_uint8
-from faces import CROP_SCALE, CROP_SHIFT, face_crops, link_tracks, main_tracks
+from faces import CROP_SCALE, CROP_SHIFT, EXTRA_CANDIDATES, face_crops, keep_tracks
 from models import draw_samples
 from video import input_frames
 
@@ -42,10 +42,6 @@ def fake_scores(model, images):
 
 NO_FACE = "no face"
 
-
-# Faces looked at per frame beyond --max-faces: a false face (a poster, a tree) larger than the
-# person must not push the person out of the frame's list; the tracks decide which count.
-EXTRA_CANDIDATES = 2
 
 
 def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64, thumbnails=None):
@@ -95,18 +91,6 @@ def score_input(path, kind, model, device, image_size, finder, threshold, frames
     result = summarise(path, kind, info, records, threshold)
     result["seconds"] = time.perf_counter() - t0
     return result
-
-
-def keep_tracks(records, finder):
-    """Link the faces of successive frames into tracks and keep, in each record's "faces", those of the main tracks."""
-    boxes = [[f["box"] for f in r["faces"]] for r in records]
-    tracks = link_tracks(boxes)
-    keep = main_tracks(boxes, tracks, 1 if finder is None else finder.max_faces)
-    for r, ids in zip(records, tracks):
-        for face, t in zip(r["faces"], ids):
-            face["track"] = t
-        r["others"] = [f for f in r["faces"] if f["track"] not in keep]
-        r["faces"] = [f for f in r["faces"] if f["track"] in keep]
 
 
 def summarise(path, kind, info, records, threshold):
@@ -388,15 +372,18 @@ def init_from(model, D):
 
 @torch.no_grad()
 def video_scores(model, videos, device, batch=128):
-    """[(faces uint8 (N, S, S, 3), ...)] -> one score per video: the mean P(fake) of its faces (NaN for none), as detect.py scores."""
+    """[(faces uint8 (N, S, S, 3), frame positions (N,))] -> one score per video, as detect.py scores it: a frame
+    takes its most fake-looking face, the video the mean over frames with a face (NaN for none)."""
     model.eval()
     out = []
-    for faces in videos:
+    for faces, frames in videos:
         if len(faces) == 0:
             out.append(float("nan"))
             continue
         x = normalize_uint8(np.ascontiguousarray(faces))
-        out.append(float(torch.cat([fake_scores(model, c.to(device)) for c in x.split(batch)]).mean()))
+        scores = torch.cat([fake_scores(model, c.to(device)) for c in x.split(batch)]).cpu().numpy()
+        per_frame = [scores[frames == f].max() for f in np.unique(frames)]
+        out.append(float(np.mean(per_frame)))
     return np.array(out)
 
 

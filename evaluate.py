@@ -89,11 +89,11 @@ def evaluate_videos(args):
     scores = []
     for path, _ in tqdm(items, desc="videos", unit="video", dynamic_ncols=True):
         try:
-            crops = cache.media_faces(path, media_kind(path), finder, settings, frames, info["image_size"], cache_dir)
+            crops, positions = cache.media_faces(path, media_kind(path), finder, settings, frames, info["image_size"], cache_dir)
         except UserError as e:
             tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
-            crops = np.zeros((0,))
-        scores.append(detector.video_scores(model, [crops], device)[0])
+            crops, positions = np.zeros((0,)), np.zeros((0,))
+        scores.append(detector.video_scores(model, [(crops, positions)], device)[0])
     report = metrics.video_evaluation(items, scores, threshold, args.videos)
     report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(args.videos))
     print(f"{kind} of {args.run} on {len(items)} videos under {args.videos}" + (f" ({args.part} part)" if args.part else ""))

