@@ -171,30 +171,28 @@ def frame_augment(images, generator=None, draw=None):
     """
     n, _, s, _ = images.shape
     d = draw if draw is not None else draw_frame_augment(n, s, generator)
-    x = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255)  # 8-bit pixel values, kept as floats
-    x = torch.where(d["flip"].to(x.device).view(n, 1, 1, 1), x.flip(-1), x)
-    # Rescale and blur touch only the images drawn for them; the indices come from the CPU, so
-    # choosing them does not wait for the GPU.
+    x = images.detach().float().add(1).mul_(127.5).round_().clamp_(0, 255)  # 8-bit pixel values, kept as floats
+    # Each operation touches only the images drawn for it, in place. The indices come from the
+    # CPU, so choosing them does not wait for the GPU.
+    rows = d["flip"].nonzero().flatten().to(x.device)
+    x.index_copy_(0, rows, x[rows].flip(-1))
     chosen = d["rescale"].nonzero().flatten()
     if len(chosen):
-        x = _apply_rows(x, chosen, _rescale_matrices(d["side"][chosen], s, x.device))
+        _apply_rows(x, chosen.to(x.device), _rescale_matrices(d["side"][chosen], s, x.device))
     chosen = d["blur"].nonzero().flatten()
     if len(chosen):
-        x = _apply_rows(x, chosen, _blur_matrices(d["sigma"][chosen], s).to(x.device))
+        _apply_rows(x, chosen.to(x.device), _blur_matrices(d["sigma"][chosen], s).to(x.device))
     chosen = d["jpeg"].nonzero().flatten()
     if len(chosen):
-        pixels = x.to(torch.uint8)
-        recompressed = _recompress(pixels[chosen.to(x.device)], d["quality"][chosen].tolist())
-        x = x.index_copy(0, chosen.to(x.device), recompressed.float())
-    return x / 127.5 - 1
+        rows = chosen.to(x.device)
+        x.index_copy_(0, rows, _recompress(x[rows].to(torch.uint8), d["quality"][chosen].tolist()).float())
+    return x.div_(127.5).sub_(1)
 
 
 def _apply_rows(x, rows, m):
-    """x[rows] <- M X M^T for each chosen image's (S, S) matrix M, rounded to 8 bits: a separable
-    linear filter (down-and-up scaling, blur) as two batched matrix products."""
-    rows = rows.to(x.device)
-    out = (m[:, None] @ x[rows] @ m[:, None].transpose(-1, -2)).round().clamp(0, 255)
-    return x.index_copy(0, rows, out)
+    """x[rows] <- M X M^T, rounded to 8 bits, in place, for each chosen image's (S, S) matrix M: a
+    separable linear filter (down-and-up scaling, blur) as two batched matrix products."""
+    x.index_copy_(0, rows, (m[:, None] @ x[rows] @ m[:, None].transpose(-1, -2)).round_().clamp_(0, 255))
 
 
 _RESCALE_TABLES = {}
