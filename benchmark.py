@@ -50,7 +50,7 @@ from cli import (PRECISIONS, ArgumentParser, UserError, add_device_flag, at_leas
                  use_fast_cuda_kernels)
 import detector
 import faces
-from models import IMAGE_SIZES, Discriminator, build_models, train_step
+from models import IMAGE_SIZES, CudaGraphStep, Discriminator, build_models, train_step
 from video import open_video, sample_indices
 
 
@@ -195,7 +195,68 @@ def bench_train(args):
           f"({n / build_s / cores:,.0f} per core); {len(cached.dropped)} undecodable")
     print(f"peak resident memory: this process {peak_self:,.0f} MB, largest child process (loader worker, cache builder) {peak_children:,.0f} MB"
           + (f"; GPU {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB" if device.type == "cuda" else ""))
+    print()
+    sizes = args.graph_batches or ([128, 512, 2048] if device.type == "cuda" else [args.batch])
+    bench_graphs(cfg, device, precision, amp_dtype, sizes, args.graph_steps, args.warmup, flops_per_image, args.seed)
     return 0
+
+
+def bench_graphs(cfg, device, precision, amp_dtype, sizes, steps, warmup, flops_per_image, seed):
+    """Our training step eager and as one CUDA graph (models.CudaGraphStep) at each batch size: images/s, TFLOP/s, peak memory.
+
+    The images are random and already on the device: the input pipeline is timed above. Each
+    variant runs alone from the same weights and noise, so its peak memory is its own, and
+    the losses after the timed steps show whether the two trained alike.
+    """
+    graphs = device.type == "cuda"
+    if not graphs:
+        print(f"CUDA graphs: need a CUDA GPU; this run is on {device}, so the step is timed eagerly only")
+    if graphs and precision == "fp16":
+        print("CUDA graphs: cannot capture fp16's GradScaler; timed eagerly only (use --precision bf16 or fp32)")
+        graphs = False
+    rows = []
+    for batch in sizes:
+        real = (torch.rand(batch, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+                ).contiguous(memory_format=torch.channels_last)
+        for variant in ("eager", "CUDA graph") if graphs else ("eager",):
+            captured = variant != "eager"
+            torch.manual_seed(seed)
+            G, D = (m.to(device, memory_format=torch.channels_last) for m in build_models(cfg))
+            fused = device.type == "cuda" or None
+            opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused, capturable=captured) for m in (G, D)]
+            autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not captured)) if amp_dtype
+                        else contextlib.nullcontext)
+            scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+            step = (CudaGraphStep(G, D, *opts, cfg["nz"], autocast) if captured
+                    else lambda x: train_step(G, D, *opts, x, cfg["nz"], autocast, scaler))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(warmup):  # cuDNN's search, and for the graph its capture: not counted
+                step(real)
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                stats = step(real)
+            sync(device)
+            rate = steps * batch / (time.perf_counter() - t)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+            rows.append((batch, variant, rate, rate * flops_per_image / 1e12, peak, stats["loss/D"].item(), stats["loss/G"].item()))
+            print(f"  batch {batch}, {variant}: {rate:,.0f} images/s", flush=True)
+            del step, G, D, opts
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print(f"| {device.type}, {cfg['image_size']}x{cfg['image_size']}, {precision}, {steps} steps after {warmup} untimed "
+          "| images/s | TFLOP/s | peak GPU memory, MB | loss_D, loss_G after the steps |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for batch, variant, rate, tflops, peak, loss_d, loss_g in rows:
+        print(f"| batch {batch}, {variant} | {number(rate)} | {tflops:.2f} | {'-' if peak != peak else f'{peak:,.0f}'} "
+              f"| {loss_d:.4f}, {loss_g:.4f} |")
+    for batch in sizes:
+        pair = [r for r in rows if r[0] == batch]
+        if len(pair) == 2:
+            print(f"batch {batch}: CUDA graph / eager = {pair[1][2] / pair[0][2]:.2f}x")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -432,6 +493,9 @@ def get_args_parser():
     t.add_argument("--workers", type=at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
     t.add_argument("--precision", choices=PRECISIONS, default="auto", help="ours; the tutorial is fp32")
     t.add_argument("--compile", action="store_true", help="torch.compile our networks")
+    t.add_argument("--graph-batches", type=lambda s: [at_least(2)(v) for v in s.split(",")], default=None, metavar="B,B,...",
+                   help="batch sizes for the eager vs CUDA graph table (default: 128,512,2048 on CUDA, --batch elsewhere)")
+    t.add_argument("--graph-steps", type=at_least(1), default=20, help="timed steps per variant and batch size in that table")
     add_device_flag(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scratch", default=None, help="where the timed cache build writes (a temporary folder; default: the system's)")
