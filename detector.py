@@ -229,21 +229,26 @@ def _blur_matrices(sigmas, size):
 def _recompress(pixels, qualities):
     """uint8 (N, C, S, S) -> each image JPEG-encoded at its quality and decoded, on pixels' device.
 
-    torchvision encodes a list at one quality, so images are grouped by quality. On the CPU this
-    is libjpeg, image by image, bit for bit what PIL gives; on CUDA it is nvJPEG, which encodes
-    the colour at full resolution (4:4:4) where libjpeg halves it (4:2:0), so the GPU's JPEG is
-    a little milder on colour at the same quality.
+    On the CPU this is libjpeg, one image at a time as torchvision does it there, bit for bit
+    what PIL gives. On CUDA it is nvJPEG, which takes a list at one quality, so images are
+    grouped by quality; it encodes the colour at full resolution (4:4:4) where libjpeg halves
+    it (4:2:0), so the GPU's JPEG is a little milder on colour at the same quality.
     """
     out = torch.empty_like(pixels)
-    q = torch.tensor(qualities)
     with warnings.catch_warnings():  # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
+        if not pixels.is_cuda:
+            # image by image: grouping would only add batch copies, each a wait for the other cores
+            for i, (image, quality) in enumerate(zip(pixels, qualities)):
+                out[i] = decode_jpeg(encode_jpeg(image, quality=quality), mode=ImageReadMode.UNCHANGED)
+            return out
+        q = torch.tensor(qualities)
         for quality in q.unique().tolist():
-            rows = (q == quality).nonzero().flatten()
-            encoded = encode_jpeg(list(pixels[rows.to(pixels.device)]), quality=quality)
+            rows = (q == quality).nonzero().flatten().to(pixels.device)
+            encoded = encode_jpeg(list(pixels[rows]), quality=quality)
             # decode_jpeg reads the bytes from the CPU whatever the device it decodes on
             decoded = decode_jpeg([e.cpu() for e in encoded], mode=ImageReadMode.UNCHANGED, device=pixels.device)
-            out[rows.to(pixels.device)] = torch.stack(decoded)
+            out[rows] = torch.stack(decoded)
     return out
 
 
