@@ -101,8 +101,7 @@ def bench_train(args):
     cores = len(os.sched_getaffinity(0))
     cfg = {"nz": 100, "ngf": args.ngf, "ndf": args.ndf, "channels": 3, "image_size": args.image_size}
     print(f"benchmark: {len(files):,} images from {args.data} at {args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, "
-          f"{cores} cores), torch {torch.__version__}", flush=True)
+          f"{machine(device)}; {load()}", flush=True)
 
     # --- the cache build, into a scratch folder so that it is always built
     with tempfile.TemporaryDirectory(prefix="cache-", dir=args.scratch) as scratch:
