@@ -226,7 +226,7 @@ def bench_graphs(cfg, device, precision, amp_dtype, sizes, steps, warmup, flops_
             autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not captured)) if amp_dtype
                         else contextlib.nullcontext)
             scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-            step = (CudaGraphStep(G, D, *opts, cfg["nz"], autocast) if captured
+            step = (CudaGraphStep(G, D, *opts, cfg["nz"], autocast, batch=batch) if captured
                     else lambda x: train_step(G, D, *opts, x, cfg["nz"], autocast, scaler))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

@@ -333,7 +333,7 @@ def setup(cfg, ckpt=None):
     autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype, cache_enabled=not cfg.cuda_graphs)
                 if amp_dtype else contextlib.nullcontext)
     if cfg.cuda_graphs:
-        step_fn = CudaGraphStep(G, D, opt_G, opt_D, cfg.nz, autocast)  # captured at the first batch
+        step_fn = CudaGraphStep(G, D, opt_G, opt_D, cfg.nz, autocast, batch=cfg.batch)  # captured at the first full batch
     else:
         step_fn = lambda real: train_step(G_train, D_train, opt_G, opt_D, real, cfg.nz, autocast, scaler)
 

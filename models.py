@@ -171,7 +171,7 @@ def draw_noise(b, nz, device, out=None):
 
 class CudaGraphStep:
     """train_step captured once as a CUDA graph and replayed every step: one launch for both
-    updates and both Adam steps, where eager mode launches a few hundred small kernels, each
+    updates and both Adam steps, where eager mode launches many small kernels, each
     waiting on Python. Call it as train_step's stand-in: step(real) -> the same statistics.
 
     PyTorch's whole-network capture recipe (torch.cuda.graph): static input and noise buffers
@@ -182,23 +182,23 @@ class CudaGraphStep:
     by draw_noise as the eager step draws it, so the RNG stream and a checkpoint's RNG state
     stay the eager run's. The warm-up steps train: their changes to the weights, BatchNorm
     statistics and Adam state are undone afterwards, in place (the graph holds those tensors'
-    addresses), so the first replay is the run's next step. A batch of another shape (images
-    dropped as undecodable) takes the eager step; statistics returned by a replay are
-    overwritten by the next one.
+    addresses), so the first replay is the run's next step. The graph is captured at the first
+    batch of `batch` images; a batch of another size (images dropped as undecodable) takes the
+    eager step. Statistics returned by a replay are overwritten by the next one.
     """
 
-    def __init__(self, G, D, opt_G, opt_D, nz, autocast=contextlib.nullcontext, warmup=3):
+    def __init__(self, G, D, opt_G, opt_D, nz, autocast=contextlib.nullcontext, *, batch, warmup=3):
         for opt in (opt_G, opt_D):
             if not all(group["capturable"] for group in opt.param_groups):
                 raise ValueError("CudaGraphStep needs Adam built with capturable=True")
         self.G, self.D, self.opt_G, self.opt_D, self.nz, self.autocast, self.warmup = G, D, opt_G, opt_D, nz, autocast, warmup
-        self.graph = None
+        self.batch, self.graph = batch, None
 
     def __call__(self, real):
+        if real.shape[0] != self.batch:
+            return train_step(self.G, self.D, self.opt_G, self.opt_D, real, self.nz, self.autocast)
         if self.graph is None:
             self._capture(real)
-        elif real.shape != self.real.shape:
-            return train_step(self.G, self.D, self.opt_G, self.opt_D, real, self.nz, self.autocast)
         self.real.copy_(real)
         draw_noise(*self.z.shape, self.z.device, out=self.z)
         self.graph.replay()
@@ -209,10 +209,10 @@ class CudaGraphStep:
         self.real = torch.empty_like(real)  # keeps real's memory format (channels-last)
         self.z = torch.empty(real.shape[0], self.nz, device=device)
         self.real.copy_(real)
-        self.z.normal_(generator=torch.Generator(device).manual_seed(0))  # warm-up noise of its own: the run's RNG is untouched
+        self.z.normal_(generator=torch.Generator(device=device).manual_seed(0))  # warm-up noise of its own: the run's RNG is untouched
         saved = training_state(self.G, self.D, self.opt_G, self.opt_D)
         step = lambda: train_step(self.G, self.D, self.opt_G, self.opt_D, self.real, self.nz, self.autocast, z=self.z)
-        side = torch.cuda.Stream(device)
+        side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), warnings.catch_warnings():
             # capturable Adam warns when it steps uncaptured; here that is the recipe, not a mistake

@@ -1,6 +1,7 @@
 import io
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
@@ -190,3 +191,15 @@ def test_a_runs_checkpoint_brings_its_fine_tuned_detector_along(tiny_run_copy):
     checkpoint.save_detector(str(run / "detector.pt"), model, 0.7, info["config"])
     for path in (run, run / "checkpoint.pt", run / "detector.pt"):
         assert checkpoint.load_detector(str(path))[1:3] == (0.7, "fine-tuned detector")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_frame_augment_on_the_gpu_draws_and_degrades_as_on_the_cpu():
+    faces = drawn_faces(64, 0)
+    cpu = detector.frame_augment(faces, torch.Generator().manual_seed(0))
+    gpu = detector.frame_augment(faces.cuda(), torch.Generator().manual_seed(0))
+    assert gpu.device.type == "cuda" and gpu.shape == faces.shape and torch.equal(gpu, data.quantize(gpu))
+    drawn = detector.draw_frame_augment(64, 32, torch.Generator().manual_seed(0))
+    same = ~drawn["jpeg"]  # flips, scaling and blur agree to a level; nvJPEG is not libjpeg (4:4:4 colour)
+    assert (gpu.cpu()[same] - cpu[same]).abs().max() <= 1 / 127.5 + 1e-6
+    assert (gpu.cpu()[~same] - cpu[~same]).abs().mean() < 4 / 127.5
