@@ -1,6 +1,7 @@
 """Measure this project against a baseline, in one run, on the same data, and print the ratios.
 
     python benchmark.py train --data data/celeba/img_align_celeba   # the PyTorch DCGAN tutorial's pipeline vs ours
+    python benchmark.py detector                                     # the detector's augmentations: PIL vs tensor ops
     python benchmark.py video clip_720p.mp4                          # detect.py on a 720p video
 
 `train` times, on the same folder of JPEGs, the same DCGAN and the same batch:
@@ -12,6 +13,10 @@ first the input pipeline alone, then whole training steps, alternating between t
 rounds so that a shared machine's load falls on both alike. Numbers on a shared machine
 vary from run to run; the ratio is what to read.
 
+`detector` times the detector's training step (fine_tune's: a batch of real faces and G's
+fakes, augmented, forward, backward, Adam) with the per-image PIL augmentations it had
+before and with detector.frame_augment's batched tensor ops on the device, alternating.
+
 `video` times detect.py's decoding of the sampled frames against seeking to each frame and
 against decoding every frame, then the whole pipeline (decode, find faces, score) on 32
 frames with OpenCV's Haar cascade (detect.py's finder before YuNet) and with the default
@@ -20,6 +25,7 @@ finder, and on every frame.
 
 import argparse
 import contextlib
+import io
 import os
 import platform
 import resource
@@ -29,7 +35,10 @@ import tempfile
 import time
 
 import av
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
@@ -39,14 +48,26 @@ import data
 from checkpoint import load_detector
 from cli import (PRECISIONS, ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, pick_precision, run_cli,
                  use_fast_cuda_kernels)
-from detector import score_input
+import detector
 import faces
-from models import IMAGE_SIZES, Discriminator, build_models, train_step
+from models import IMAGE_SIZES, CudaGraphStep, Discriminator, build_models, train_step
 from video import open_video, sample_indices
 
 
 def number(value):
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def machine(device):
+    """The device in words: the GPU's name, or the CPU's model and the cores this process may use."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{device} ({name}, {len(os.sched_getaffinity(0))} cores), torch {torch.__version__}"
 
 
 def sync(device):
@@ -80,8 +101,7 @@ def bench_train(args):
     cores = len(os.sched_getaffinity(0))
     cfg = {"nz": 100, "ngf": args.ngf, "ndf": args.ndf, "channels": 3, "image_size": args.image_size}
     print(f"benchmark: {len(files):,} images from {args.data} at {args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, "
-          f"{cores} cores), torch {torch.__version__}", flush=True)
+          f"{machine(device)}; {load()}", flush=True)
 
     # --- the cache build, into a scratch folder so that it is always built
     with tempfile.TemporaryDirectory(prefix="cache-", dir=args.scratch) as scratch:
@@ -174,6 +194,163 @@ def bench_train(args):
           f"({n / build_s / cores:,.0f} per core); {len(cached.dropped)} undecodable")
     print(f"peak resident memory: this process {peak_self:,.0f} MB, largest child process (loader worker, cache builder) {peak_children:,.0f} MB"
           + (f"; GPU {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB" if device.type == "cuda" else ""))
+    print()
+    sizes = args.graph_batches or ([128, 512, 2048] if device.type == "cuda" else [args.batch])
+    bench_graphs(cfg, device, precision, amp_dtype, sizes, args.graph_steps, args.warmup, flops_per_image, args.seed)
+    return 0
+
+
+def bench_graphs(cfg, device, precision, amp_dtype, sizes, steps, warmup, flops_per_image, seed):
+    """Our training step eager and as one CUDA graph (models.CudaGraphStep) at each batch size: images/s, TFLOP/s, peak memory.
+
+    The images are random and already on the device: the input pipeline is timed above. Each
+    variant runs alone from the same weights and noise, so its peak memory is its own, and
+    the losses after the timed steps show whether the two trained alike.
+    """
+    graphs = device.type == "cuda"
+    if not graphs:
+        print(f"CUDA graphs: need a CUDA GPU; this run is on {device}, so the step is timed eagerly only")
+    if graphs and precision == "fp16":
+        print("CUDA graphs: cannot capture fp16's GradScaler; timed eagerly only (use --precision bf16 or fp32)")
+        graphs = False
+    rows = []
+    for batch in sizes:
+        real = (torch.rand(batch, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+                ).contiguous(memory_format=torch.channels_last)
+        for variant in ("eager", "CUDA graph") if graphs else ("eager",):
+            captured = variant != "eager"
+            torch.manual_seed(seed)
+            G, D = (m.to(device, memory_format=torch.channels_last) for m in build_models(cfg))
+            fused = device.type == "cuda" or None
+            opts = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused, capturable=captured) for m in (G, D)]
+            autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not captured)) if amp_dtype
+                        else contextlib.nullcontext)
+            scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+            step = (CudaGraphStep(G, D, *opts, cfg["nz"], autocast, batch=batch) if captured
+                    else lambda x: train_step(G, D, *opts, x, cfg["nz"], autocast, scaler))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(warmup):  # cuDNN's search, and for the graph its capture: not counted
+                step(real)
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                stats = step(real)
+            sync(device)
+            rate = steps * batch / (time.perf_counter() - t)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+            rows.append((batch, variant, rate, rate * flops_per_image / 1e12, peak, stats["loss/D"].item(), stats["loss/G"].item()))
+            print(f"  batch {batch}, {variant}: {rate:,.0f} images/s", flush=True)
+            del step, G, D, opts
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print(f"| {device.type}, {cfg['image_size']}x{cfg['image_size']}, {precision}, {steps} steps after {warmup} untimed "
+          "| images/s | TFLOP/s | peak GPU memory, MB | loss_D, loss_G after the steps |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for batch, variant, rate, tflops, peak, loss_d, loss_g in rows:
+        print(f"| batch {batch}, {variant} | {number(rate)} | {tflops:.2f} | {'-' if peak != peak else f'{peak:,.0f}'} "
+              f"| {loss_d:.4f}, {loss_g:.4f} |")
+    for batch in sizes:
+        pair = [r for r in rows if r[0] == batch]
+        if len(pair) == 2:
+            print(f"batch {batch}: CUDA graph / eager = {pair[1][2] / pair[0][2]:.2f}x")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# detector: the per-image PIL augmentations (the baseline) against detector.frame_augment
+
+def pil_frame_augment(images, generator):
+    """The detector's augmentations as they were before detector.frame_augment: one PIL call
+    chain per image on the CPU, the same operations and probabilities. Kept here as the baseline."""
+    size = images.shape[-1]
+    u = lambda: float(torch.rand((), generator=generator))
+    out = []
+    for p in data.to_uint8(images).permute(0, 2, 3, 1).numpy():
+        im = Image.fromarray(p)
+        if u() < 0.5:
+            im = ImageOps.mirror(im)
+        if u() < 0.5:
+            side = int(torch.randint(max(8, size // 2), size + 1, (), generator=generator))
+            im = im.resize((side, side), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+        if u() < 0.3:
+            im = im.filter(ImageFilter.GaussianBlur(0.1 + 1.4 * u()))
+        if u() < 0.7:
+            buffer = io.BytesIO()
+            im.save(buffer, format="JPEG", quality=int(torch.randint(30, 96, (), generator=generator)))
+            im = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        out.append(np.asarray(im))
+    # back to the batch's device, as fine_tune needed it: the copy is part of this path's cost
+    return data.to_float(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)).to(images.device)
+
+
+def bench_detector(args):
+    """Detector training images/s with the PIL augmentations and with the batched tensor ones, in one run."""
+    device = pick_device(args.device)
+    use_fast_cuda_kernels(device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = {"nz": 100, "ngf": args.ngf, "ndf": args.ndf, "channels": 3, "image_size": args.image_size}
+    G, _ = build_models(cfg)
+    G = G.to(device)
+    faces = data.SyntheticFaces(args.faces, args.image_size, seed=args.seed)  # drawn faces: no data needed, and
+    pool = torch.stack([faces[i][0] for i in range(len(faces))]).to(device)  # pixels cost the same to augment as photos
+    print(f"benchmark detector: {machine(device)}; {args.image_size}x{args.image_size}, {args.batch} real + {args.batch} fake "
+          f"images a step (fakes from an untrained G, as fine_tune mixes them), fp32, torch threads {torch.get_num_threads()}; "
+          f"{load()} at the start", flush=True)
+
+    g = torch.Generator().manual_seed(args.seed)
+    real_batches = (pool[torch.randint(len(pool), (args.batch,), generator=g).to(device)] for _ in iter(int, 1))
+    paths = {"PIL per image (before)": lambda x: pil_frame_augment(x, g),
+             "tensor ops on the device (after)": lambda x: detector.frame_augment(x, g)}
+    nets = {}
+    for name in paths:  # one detector per path, both starting from the same weights
+        torch.manual_seed(args.seed)
+        det = build_models(cfg)[1].to(device).train()
+        nets[name] = (det, torch.optim.Adam(det.parameters(), lr=1e-4, betas=(0.5, 0.999)))
+
+    def augment_only(name):
+        x, _ = detector._mixed_batch([G], real_batches, None, cfg["nz"], device)
+        sync(device)
+        t = time.perf_counter()
+        paths[name](x)
+        sync(device)
+        return len(x), time.perf_counter() - t
+
+    def train_step(name):  # fine_tune's step: the mixed batch (G sampled), augmented, forward, backward, Adam
+        det, opt = nets[name]
+        sync(device)
+        t = time.perf_counter()
+        x, y = detector._mixed_batch([G], real_batches, None, cfg["nz"], device)
+        loss = F.binary_cross_entropy_with_logits(det(paths[name](x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        return len(x), time.perf_counter() - t
+
+    results = {}
+    for what, fn in (("augmentations alone, images/s", augment_only), ("detector training, images/s", train_step)):
+        images, seconds = {n: 0 for n in paths}, {n: 0.0 for n in paths}
+        for _ in range(args.rounds):  # the two paths take turns, so a shared machine's load falls on both alike
+            for name in paths:
+                for _ in range(args.warmup):
+                    fn(name)
+                for _ in range(args.steps):
+                    k, s = fn(name)
+                    images[name] += k
+                    seconds[name] += s
+        results[what] = [images[n] / seconds[n] for n in paths]
+        print(f"  {what}: " + ", ".join(f"{n} {v:,.0f}" for n, v in zip(paths, results[what])), flush=True)
+    print()
+    print(f"| {device.type}, {args.image_size}x{args.image_size}, {2 * args.batch} images a step | " + " | ".join(paths) + " | after / before |")
+    print("| --- | ---: | ---: | ---: |")
+    for what, (before, after) in results.items():
+        print(f"| {what} | {number(before)} | {number(after)} | {after / before:.1f}x |")
+    print()
+    print(f"machine: {load()} at the end" + (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB"
+                                             if device.type == "cuda" else ""))
     return 0
 
 
@@ -275,7 +452,7 @@ def bench_video(args):
     # machine's load falls on both alike
     default, _ = faces.from_flags(argparse.Namespace(faces="auto", detect_size=args.detect_size, max_faces=args.max_faces))
     finders = [faces.Haar(detect_size=args.detect_size, max_faces=args.max_faces)] + ([default] if default.name != "haar" else [])
-    run = lambda finder, frames, every: score_input(path, "video", model, "cpu", image_size, finder, threshold, frames, every)
+    run = lambda finder, frames, every: detector.score_input(path, "video", model, "cpu", image_size, finder, threshold, frames, every)
     walls, cpus, results = {f.name: [] for f in finders}, {f.name: [] for f in finders}, {}
     for _ in range(args.repeat):
         for finder in finders:
@@ -315,10 +492,29 @@ def get_args_parser():
     t.add_argument("--workers", type=at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
     t.add_argument("--precision", choices=PRECISIONS, default="auto", help="ours; the tutorial is fp32")
     t.add_argument("--compile", action="store_true", help="torch.compile our networks")
+    t.add_argument("--graph-batches", type=lambda s: [at_least(2)(v) for v in s.split(",")], default=None, metavar="B,B,...",
+                   help="batch sizes for the eager vs CUDA graph table (default: 128,512,2048 on CUDA, --batch elsewhere)")
+    t.add_argument("--graph-steps", type=at_least(1), default=20, help="timed steps per variant and batch size in that table")
     add_device_flag(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scratch", default=None, help="where the timed cache build writes (a temporary folder; default: the system's)")
     t.set_defaults(run=bench_train)
+
+    d = sub.add_parser("detector", help="detector training with the per-image PIL augmentations vs the batched tensor ones",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
+    d.add_argument("--batch", type=at_least(1), default=64, help="real images a step, plus as many fakes (evaluate.py fine-tunes with 64)")
+    d.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
+    d.add_argument("--ndf", type=at_least(1), default=64, help="detector (discriminator) width")
+    d.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the real batches are taken from")
+    d.add_argument("--steps", type=at_least(1), default=5, help="timed batches per path per round")
+    d.add_argument("--rounds", type=at_least(1), default=2, help="rounds of before-then-after")
+    d.add_argument("--warmup", type=at_least(1), default=1, help="untimed batches before each timed run")
+    d.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
+                   help="torch CPU threads (on a busy machine 1 can be faster: each OpenMP hand-off waits for a core)")
+    add_device_flag(d)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=bench_detector)
 
     v = sub.add_parser("video", help="detect.py on one video: decoding against two baselines, then the whole pipeline",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -14,18 +14,19 @@ with a logistic regression (Durall, Keuper & Keuper 2020, "Watch your up-convolu
 """
 
 import copy
-import io
+import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from tqdm import tqdm
 
-from data import normalize_uint8, preprocess, quantize, to_float, to_uint8
+from data import normalize_uint8, preprocess, quantize, to_uint8
 from faces import CROP_SCALE, CROP_SHIFT, EXTRA_CANDIDATES, face_crops, keep_tracks
 from models import draw_samples
 from video import input_frames
@@ -116,53 +117,129 @@ def summarise(path, kind, info, records, threshold):
 # -----------------------------------------------------------------------------
 # what happens to a face on its way into a video frame
 
-def _uniform(lo, hi):
-    return lo + (hi - lo) * float(torch.rand(()))  # torch's RNG, so torch.manual_seed makes a run repeatable
+# Flip (p 1/2), a smaller capture scaled back up (p 1/2, side max(8, S/2)..S), Gaussian blur
+# (p 0.3, sigma 0.1-1.5 px), JPEG re-compression at quality 30-95 (p 0.7; JPEG stands in for a
+# video codec's block DCT). These are the probabilities and ranges of the per-image PIL
+# transform this replaced (benchmark.py keeps it as the baseline).
+P_FLIP, P_RESCALE, P_BLUR, P_JPEG = 0.5, 0.5, 0.3, 0.7
+SIGMA = (0.1, 1.5)
+QUALITY = (30, 95)
+BLUR_RADIUS = math.ceil(3 * SIGMA[1])  # one kernel width for every sigma keeps the shapes fixed
 
 
-def jpeg_pil(im, quality):
-    buffer = io.BytesIO()
-    im.save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as out:
-        return out.convert("RGB")
+def draw_frame_augment(n, image_size, generator=None):
+    """What happens to each of n images: a dict of CPU tensors (masks, sides, sigmas, qualities).
 
-
-class FrameAugment:
-    """What a face goes through on its way into a video frame, drawn anew for every image.
-
-    Flip (p 1/2), a smaller capture scaled back up (p 1/2, down to half size), blur (p 0.3,
-    sigma 0.1-1.5 px), JPEG re-compression at quality 30-95 (p 0.7; JPEG stands in for a
-    video codec's block DCT). PIL does the work: one call per image is cheap there, and
-    torchvision's tensor blur is slow on small images.
+    Drawn on the CPU from generator (torch's global RNG when None), so that a seed gives the
+    same draw on every device, and the JPEG groups are known without waiting for a GPU.
     """
-
-    def __init__(self, image_size):
-        self.size = image_size
-
-    def __call__(self, im):
-        if torch.rand(()) < 0.5:
-            im = ImageOps.mirror(im)
-        if torch.rand(()) < 0.5:
-            side = int(torch.randint(max(8, self.size // 2), self.size + 1, ()))
-            im = im.resize((side, side), Image.BILINEAR).resize((self.size, self.size), Image.BILINEAR)
-        if torch.rand(()) < 0.3:
-            im = im.filter(ImageFilter.GaussianBlur(_uniform(0.1, 1.5)))
-        if torch.rand(()) < 0.7:
-            im = jpeg_pil(im, int(torch.randint(30, 96, ())))
-        return im
+    u = torch.rand(7, n, generator=generator)
+    lo = max(8, image_size // 2)
+    return {
+        "flip": u[0] < P_FLIP,
+        "rescale": u[1] < P_RESCALE,
+        "side": lo + (u[2] * (image_size - lo + 1)).long(),  # uniform over lo..image_size
+        "blur": u[3] < P_BLUR,
+        "sigma": SIGMA[0] + (SIGMA[1] - SIGMA[0]) * u[4],
+        "jpeg": u[5] < P_JPEG,
+        "quality": QUALITY[0] + (u[6] * (QUALITY[1] - QUALITY[0] + 1)).long(),  # uniform over 30..95
+    }
 
 
-def augment(images, transform):
-    """Apply a per-image PIL transform to a batch in [-1, 1]; returns 8-bit-valued floats on the same device."""
-    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    out = [np.asarray(transform(Image.fromarray(p))) for p in pixels]
-    return to_float(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)).to(images.device)
+def frame_augment(images, generator=None, draw=None):
+    """A batch in [-1, 1] (N, C, S, S) -> the same faces as a video frame would hold them, 8-bit-valued, on images' device.
+
+    Each image gets its own draw (draw_frame_augment, or the draw given). The work is batched
+    tensor ops on the batch's device; between operations the pixels are rounded to 8 bits,
+    as every image on its way into a frame is.
+    """
+    n, _, s, _ = images.shape
+    d = draw if draw is not None else draw_frame_augment(n, s, generator)
+    x = images.detach().float().add(1).mul_(127.5).round_().clamp_(0, 255)  # 8-bit pixel values, kept as floats
+    # Each operation touches only the images drawn for it, in place. The indices come from the
+    # CPU, so choosing them does not wait for the GPU.
+    rows = d["flip"].nonzero().flatten().to(x.device)
+    x.index_copy_(0, rows, x[rows].flip(-1))
+    chosen = d["rescale"].nonzero().flatten()
+    if len(chosen):
+        _apply_rows(x, chosen.to(x.device), _rescale_matrices(d["side"][chosen], s, x.device))
+    chosen = d["blur"].nonzero().flatten()
+    if len(chosen):
+        _apply_rows(x, chosen.to(x.device), _blur_matrices(d["sigma"][chosen], s).to(x.device))
+    chosen = d["jpeg"].nonzero().flatten()
+    if len(chosen):
+        rows = chosen.to(x.device)
+        x.index_copy_(0, rows, _recompress(x[rows].to(torch.uint8), d["quality"][chosen].tolist()).float())
+    return x.div_(127.5).sub_(1)
+
+
+def _apply_rows(x, rows, m):
+    """x[rows] <- M X M^T, rounded to 8 bits, in place, for each chosen image's (S, S) matrix M: a
+    separable linear filter (down-and-up scaling, blur) as two batched matrix products."""
+    x.index_copy_(0, rows, (m[:, None] @ x[rows] @ m[:, None].transpose(-1, -2)).round_().clamp_(0, 255))
+
+
+_RESCALE_TABLES = {}
+
+
+def _rescale_matrices(sides, size, device):
+    """(k, S, S): for each side, scaling a row of S pixels bilinearly down to side pixels and back up, as one matrix.
+
+    F.interpolate with antialias, as PIL's BILINEAR resize does on the way down; written as a
+    matrix so that images of different sides go through one batched product. The table holds
+    every side and is built once per size and device.
+    """
+    key = (size, str(device))
+    if key not in _RESCALE_TABLES:
+        lo = max(8, size // 2)
+        eye = torch.eye(size).view(size, 1, 1, size)  # S one-pixel impulses, each a 1 x S image
+        scale = lambda t, w: F.interpolate(t, size=(1, w), mode="bilinear", antialias=True, align_corners=False)
+        # row i of the result is the response to impulse i, i.e. column i of the operator: transpose it
+        _RESCALE_TABLES[key] = torch.stack([scale(scale(eye, side), size).view(size, size).T
+                                            for side in range(lo, size + 1)]).to(device)
+    return _RESCALE_TABLES[key][(sides - max(8, size // 2)).to(device)]
+
+
+def _blur_matrices(sigmas, size):
+    """(k, S, S) Gaussian blurs of the given sigmas along one axis, the edge pixel repeated beyond the border."""
+    taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=torch.float32)
+    w = torch.exp(-taps[None] ** 2 / (2 * sigmas[:, None] ** 2))
+    w = w / w.sum(1, keepdim=True)
+    cols = (torch.arange(size)[:, None] + taps.long()[None]).clamp(0, size - 1)  # (S, taps): where each tap reads
+    m = torch.zeros(len(sigmas), size, size)
+    return m.scatter_add_(2, cols.expand(len(sigmas), -1, -1).contiguous(), w[:, None, :].expand(-1, size, -1).contiguous())
+
+
+def _recompress(pixels, qualities):
+    """uint8 (N, C, S, S) -> each image JPEG-encoded at its quality and decoded, on pixels' device.
+
+    On the CPU this is libjpeg, one image at a time as torchvision does it there, bit for bit
+    what PIL gives. On CUDA it is nvJPEG, which takes a list at one quality, so images are
+    grouped by quality; it encodes the colour at full resolution (4:4:4) where libjpeg halves
+    it (4:2:0), so the GPU's JPEG is a little milder on colour at the same quality.
+    """
+    out = torch.empty_like(pixels)
+    with warnings.catch_warnings():  # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if not pixels.is_cuda:
+            # image by image: grouping would only add batch copies, each a wait for the other cores
+            for i, (image, quality) in enumerate(zip(pixels, qualities)):
+                out[i] = decode_jpeg(encode_jpeg(image, quality=quality), mode=ImageReadMode.UNCHANGED)
+            return out
+        q = torch.tensor(qualities)
+        for quality in q.unique().tolist():
+            rows = (q == quality).nonzero().flatten().to(pixels.device)
+            encoded = encode_jpeg(list(pixels[rows]), quality=quality)
+            # decode_jpeg reads the bytes from the CPU whatever the device it decodes on
+            decoded = decode_jpeg([e.cpu() for e in encoded], mode=ImageReadMode.UNCHANGED, device=pixels.device)
+            out[rows] = torch.stack(decoded)
+    return out
 
 
 def jpeg(images, quality):
-    """Re-compress a batch in [-1, 1] at one JPEG quality (the test condition 'JPEG 50')."""
-    return augment(images, lambda im: jpeg_pil(im, quality))
+    """Re-compress a batch in [-1, 1] at one JPEG quality (the test condition 'JPEG 50'); 8-bit-valued, on images' device."""
+    pixels = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return _recompress(pixels, [int(quality)] * len(images)).float() / 127.5 - 1
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +258,7 @@ def fakes(G, n, nz, device, seed):
 
 
 
-def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=1e-4, extra_batches=None, log=None, log_every=50):
+def fine_tune(D, generators, real_batches, *, steps, nz, device, lr=1e-4, extra_batches=None, log=None, log_every=50):
     """A copy of D trained to tell real from fake; D and the generators are left untouched.
 
     generators: [final G, snapshot, ...]; half of every fake batch comes from the final G,
@@ -195,13 +272,12 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
     """
     det = copy.deepcopy(D).to(device).train().requires_grad_(True)
     opt = torch.optim.Adam(det.parameters(), lr=lr, betas=(0.5, 0.999))
-    transform = FrameAugment(image_size)
     t0 = time.time()
     bar = tqdm(range(1, steps + 1), desc="detector fine-tuning", unit="step", dynamic_ncols=True)
     for step in bar:
         x, y = _mixed_batch(generators, real_batches, extra_batches, nz, device)
         # label 1 = real: the GAN's own convention, so P(fake) = sigmoid(-logit) still holds
-        loss = F.binary_cross_entropy_with_logits(det(augment(x, transform)), y)
+        loss = F.binary_cross_entropy_with_logits(det(frame_augment(x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -211,7 +287,7 @@ def fine_tune(D, generators, real_batches, *, steps, nz, device, image_size, lr=
             if log is not None:
                 log(step, value, speed)
     bar.set_postfix_str("recomputing BatchNorm statistics")
-    recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, device, transform)
+    recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, device)
     bar.close()
     return det.eval()
 
@@ -231,7 +307,7 @@ def _mixed_batch(generators, real_batches, extra_batches, nz, device):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, device, transform, batches=20):
+def recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, device, batches=20):
     """Replace BatchNorm's running statistics by their exact average over fresh training batches.
 
     The momentum average lags behind the last weight updates; scoring in eval mode uses these
@@ -245,7 +321,7 @@ def recalibrate_batchnorm(det, generators, real_batches, extra_batches, nz, devi
     det.train()
     for _ in range(batches):
         x, _ = _mixed_batch(generators, real_batches, extra_batches, nz, device)
-        det(augment(x, transform))
+        det(frame_augment(x))
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     det.eval()
@@ -408,7 +484,6 @@ class Batches:
         self.fake_video, self.generators, self.sources = fake_video, generators, sources
         self.batch, self.size, self.nz, self.device = batch, image_size, nz, device
         self.g = torch.Generator().manual_seed(seed)
-        self.transform = FrameAugment(image_size)
 
     def _pick(self, pool, n):
         idx = torch.randint(len(pool), (n,), generator=self.g).numpy()
@@ -437,7 +512,7 @@ class Batches:
                 fakes.append(quantize(to_size(x, self.size)))
         x = torch.cat([real, *fakes])
         y = torch.cat([torch.zeros(len(real)), torch.ones(len(x) - len(real))])  # 1 = fake
-        return augment(x, self.transform).to(self.device), y.to(self.device)
+        return frame_augment(x.to(self.device), self.g), y.to(self.device)
 
 
 def train_detector(model, batches, valid, *, steps, lr, device, eval_every, on_eval=None, on_log=None, log_every=10,

@@ -38,7 +38,7 @@ import metrics
 from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, explicit_flags, make_folder, one_of, pick_device,
                  pick_precision, run_cli, use_fast_cuda_kernels, write_atomically)
 from checkpoint import SHAPE_KEYS
-from models import IMAGE_SIZES, build_models, draw_samples, train_step
+from models import IMAGE_SIZES, CudaGraphStep, build_models, draw_samples, train_step
 
 
 # -----------------------------------------------------------------------------
@@ -73,6 +73,7 @@ class Config:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = False              # off until measured faster on a GPU (it has not been)
     sync_bn: bool = False
     # evaluation and detector
     eval_images: int = 1000
@@ -99,7 +100,7 @@ class Config:
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
-                    "cache", "cache_dir", "precision", "channels_last", "compile", "sync_bn",
+                    "cache", "cache_dir", "precision", "channels_last", "compile", "cuda_graphs", "sync_bn",
                     "detector_steps", "detector_data", "inception_weights", "eval_images")
 
 
@@ -138,6 +139,9 @@ def get_args_parser():
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="keep images and activations channels-last in memory (NHWC), which the fast convolutions want")
     g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile both networks (slow first steps; helps most on GPUs)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
+                   help="capture the whole GAN step (both updates, both Adam steps) as one CUDA graph and replay it, "
+                        "so the GPU is not kept waiting on kernel launches; needs one CUDA GPU, bf16 or fp32, no --compile")
     g.add_argument("--sync-bn", action="store_true", default=d.sync_bn,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch rather than each rank's share")
     g = p.add_argument_group("evaluation and detector")
@@ -273,6 +277,8 @@ def setup(cfg, ckpt=None):
     precision, amp_dtype = pick_precision(cfg.precision, device)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
+    if cfg.cuda_graphs:
+        check_cuda_graphs(cfg, device, precision, world)
     torch.manual_seed(cfg.seed)
 
     # data: the training split, from the uint8 cache when there is one
@@ -294,18 +300,19 @@ def setup(cfg, ckpt=None):
     if cfg.sync_bn and world > 1:
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     fused = device.type == "cuda"  # one kernel for the whole Adam update instead of several per tensor
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=fused or None)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=fused or None)
+    # capturable: Adam's step count stays on the GPU, so a CUDA graph can replay the update
+    adam = lambda net: torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=fused or None,
+                                        capturable=cfg.cuda_graphs)
+    opt_G, opt_D = adam(G), adam(D)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     fixed_noise = torch.randn(64, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed))
     epoch, done_in_epoch, step = 0, 0, 0
     if ckpt is not None:
         checkpoint.load_state(G, ckpt["G"], "generator", cfg.resume)
         checkpoint.load_state(D, ckpt["D"], "discriminator", cfg.resume)
-        opt_G.load_state_dict(ckpt["opt_G"])
-        opt_D.load_state_dict(ckpt["opt_D"])
-        for group in opt_G.param_groups + opt_D.param_groups:
-            group["fused"] = fused or None  # a checkpoint from another device must not bring its Adam kernel along
+        for opt, key in ((opt_G, "opt_G"), (opt_D, "opt_D")):
+            opt.load_state_dict(ckpt[key])
+            adopt_adam_settings(opt, fused=fused, capturable=cfg.cuda_graphs)
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         epoch, done_in_epoch, step = ckpt["epoch"], ckpt["done_in_epoch"], ckpt["step"]
@@ -322,7 +329,13 @@ def setup(cfg, ckpt=None):
         # Two wrappers, one per network, so each backward all-reduces only its own network's gradients.
         ids = [device.index] if device.type == "cuda" else None
         G_train, D_train = DDP(G_train, device_ids=ids), DDP(D_train, device_ids=ids)
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
+    # a CUDA graph must not capture autocast's cache of cast weights: the weights change between replays
+    autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype, cache_enabled=not cfg.cuda_graphs)
+                if amp_dtype else contextlib.nullcontext)
+    if cfg.cuda_graphs:
+        step_fn = CudaGraphStep(G, D, opt_G, opt_D, cfg.nz, autocast, batch=cfg.batch)  # captured at the first full batch
+    else:
+        step_fn = lambda real: train_step(G_train, D_train, opt_G, opt_D, real, cfg.nz, autocast, scaler)
 
     # rank 0 alone: the held-out images, and, everything being checked, the run folder, config.json and TensorBoard
     start = lambda: (load_valid_images(cfg), open_run_dir(cfg, resumed=ckpt is not None))
@@ -333,11 +346,41 @@ def setup(cfg, ckpt=None):
         print(f"{f'resuming at epoch {epoch}, step {step}' if ckpt is not None else 'training'}: {cfg.run_dir} (flags in config.json); "
               f"{what}, {steps_per_epoch:,} steps an epoch, on {device}"
               + (f" x {world} processes ({cfg.batch // world} images each per step)" if world > 1 else "")
-              + f", {precision}, " + ("from the image cache" if store is not None else f"{cfg.workers} loader workers"))
+              + f", {precision}" + (", the step replayed as one CUDA graph" if cfg.cuda_graphs else "")
+              + ", " + ("from the image cache" if store is not None else f"{cfg.workers} loader workers"))
     return SimpleNamespace(rank=rank, world=world, is_main=rank == 0, device=device, dataset=dataset, store=store,
-                           steps_per_epoch=steps_per_epoch, valid_real=valid_real, G=G, D=D, G_train=G_train, D_train=D_train,
-                           opt_G=opt_G, opt_D=opt_D, scaler=scaler, autocast=autocast, memory_format=memory_format,
+                           steps_per_epoch=steps_per_epoch, valid_real=valid_real, G=G, D=D,
+                           opt_G=opt_G, opt_D=opt_D, scaler=scaler, step_fn=step_fn, memory_format=memory_format,
                            fixed_noise=fixed_noise.to(device), epoch=epoch, done_in_epoch=done_in_epoch, step=step, writer=writer)
+
+
+def check_cuda_graphs(cfg, device, precision, world):
+    """--cuda-graphs replays one captured step on one GPU; everything it cannot capture is one sentence."""
+    if device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA GPU and this run is on {device}; leave it out "
+                        "(or add --no-cuda-graphs when resuming a run that used it)")
+    if world > 1:
+        raise UserError("--cuda-graphs runs in one process, not under torchrun; leave it out")
+    if cfg.compile:
+        raise UserError("--cuda-graphs and --compile both rework the step; pick one")
+    if precision == "fp16":
+        raise UserError("--cuda-graphs cannot capture fp16's GradScaler, which reads the GPU to decide each step; "
+                        "use --precision bf16 or fp32")
+
+
+def adopt_adam_settings(opt, *, fused, capturable):
+    """A loaded Adam takes this run's kernel settings, not those of the machine that saved it.
+
+    load_state_dict brings the saved groups' flags and leaves each `step` count where the
+    saving run kept it: on the GPU for fused or capturable Adam, on the CPU otherwise. The
+    values are unchanged, so a resumed run continues exactly.
+    """
+    for group in opt.param_groups:
+        group["fused"], group["capturable"] = fused or None, capturable
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(p.device if fused or capturable else "cpu", torch.float32)
 
 
 def train(cfg, ckpt=None):
@@ -360,8 +403,7 @@ def train(cfg, ckpt=None):
                 if bad:
                     data.report_skipped(run.dataset, bad, skipped)
                 if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
-                    last = train_step(run.G_train, run.D_train, run.opt_G, run.opt_D, real.contiguous(memory_format=run.memory_format),
-                                      cfg.nz, run.autocast, run.scaler)
+                    last = run.step_fn(real.contiguous(memory_format=run.memory_format))
                     clock.images += len(real) * run.world
                 run.step += 1
                 run.done_in_epoch += 1

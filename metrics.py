@@ -347,16 +347,12 @@ def build_detector(cfg, G, D, snapshots, train_set, *, steps, device, detector_d
         f"({steps} steps of {DETECTOR_BATCH} real + {DETECTOR_BATCH} fake images, fakes from the final G and "
         f"{len(snapshots)} snapshots" + (f", plus {detector_data}" if detector_data else "") + ")")
     return detector.fine_tune(D, [G] + snapshots, real_batches, steps=steps, nz=cfg["nz"], device=device,
-                              image_size=cfg["image_size"], extra_batches=extra, log_every=max(1, min(50, steps // 10)))
+                              extra_batches=extra, log_every=max(1, min(50, steps // 10)))
 
 
-def with_frame_augment(images, image_size, seed):
-    """A fixed, seeded draw of the training augmentations, for validation."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    out = detector.augment(images, detector.FrameAugment(image_size))
-    torch.set_rng_state(state)
-    return out
+def with_frame_augment(images, seed):
+    """A fixed, seeded draw of the training augmentations, for validation; the global RNG is left alone."""
+    return detector.frame_augment(images, torch.Generator().manual_seed(seed))
 
 
 def format_threshold(t):
@@ -414,7 +410,7 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
     det_path = os.path.join(out_dir, "detector.pt")
     found = next((p for p in (det_path, os.path.join(run_dir, "detector.pt")) if os.path.isfile(p)), None)
     det, threshold = None, None
-    valid_x = torch.cat([valid_real, valid_fake, with_frame_augment(torch.cat([valid_real, valid_fake]), size, cfg["seed"])])
+    valid_x = torch.cat([valid_real, valid_fake, with_frame_augment(torch.cat([valid_real, valid_fake]), cfg["seed"])])
     valid_y = np.r_[np.zeros(len(valid_real)), np.ones(len(valid_fake))]
     valid_y = np.r_[valid_y, valid_y]
     if detector_steps > 0:
@@ -434,10 +430,10 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
     start(2)
     torch.manual_seed(cfg["seed"])
     n_spec = min(SPECTRUM_TRAIN_IMAGES, len(train_set))
-    spec_real = detector.augment(data.load_images(train_set, n_spec, cfg["seed"], workers), detector.FrameAugment(size))
+    spec_real = detector.frame_augment(data.load_images(train_set, n_spec, cfg["seed"], workers))
     gens = [G] + snapshots
     spec_fake = torch.cat([detector.fakes(g, max(1, n_spec // len(gens)), nz, device, cfg["seed"] + 7 + i) for i, g in enumerate(gens)])
-    spec_fake = detector.augment(spec_fake, detector.FrameAugment(size))
+    spec_fake = detector.frame_augment(spec_fake)
     spectrum = detector.fit_spectrum_baseline(spec_real, spec_fake, seed=cfg["seed"])
     spec_threshold = pick_threshold(detector.spectrum_scores(spectrum, valid_x), valid_y)
     report["protocol"]["spectrum_baseline"] = f"logistic regression on {len(spec_real)} + {len(spec_fake)} augmented train-split images"

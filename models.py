@@ -6,6 +6,7 @@ exactly the networks of the paper and of the PyTorch DCGAN example.
 """
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -107,18 +108,21 @@ def build_models(cfg):
 # -----------------------------------------------------------------------------
 # the GAN step
 
-def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, scaler=None):
+def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, scaler=None, z=None):
     """One DCGAN step on a batch of real images; returns detached statistics (no host sync).
 
     G and D may be DistributedDataParallel wrappers; autocast makes a mixed-precision context
-    and scaler is the fp16 GradScaler (None for fp32 and bf16, which need none).
+    and scaler is the fp16 GradScaler (None for fp32 and bf16, which need none). z is the
+    noise, drawn here from torch's RNG when None; CudaGraphStep passes its static buffer.
     """
     scaler = scaler or NO_SCALER
     b = real.shape[0]
     ones = torch.ones(b, device=real.device)
     zeros = torch.zeros(b, device=real.device)
+    if z is None:
+        z = draw_noise(b, nz, real.device)
     with autocast():
-        fake = G(torch.randn(b, nz, device=real.device))
+        fake = G(z)
 
     # (1) update D: maximise log D(x) + log(1 - D(G(z))), a real batch labelled 1 and a fake batch labelled 0
     with autocast():
@@ -155,3 +159,91 @@ def train_step(G, D, opt_G, opt_D, real, nz, autocast=contextlib.nullcontext, sc
 
 
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # scale, step and update pass straight through
+
+
+def draw_noise(b, nz, device, out=None):
+    """The step's z ~ N(0, I), from torch's RNG: the eager and the graphed step draw the same values."""
+    return torch.randn(b, nz, device=device, out=out)
+
+
+# -----------------------------------------------------------------------------
+# the GAN step as one CUDA graph
+
+class CudaGraphStep:
+    """train_step captured once as a CUDA graph and replayed every step: one launch for both
+    updates and both Adam steps, where eager mode launches many small kernels, each
+    waiting on Python. Call it as train_step's stand-in: step(real) -> the same statistics.
+
+    PyTorch's whole-network capture recipe (torch.cuda.graph): static input and noise buffers
+    that each step copies into; warm-up steps on a side stream (cuDNN picks its algorithms and
+    Adam makes its state before capture); gradients set to None before capture, so backward
+    allocates them from the graph's pool; Adam built with capturable=True, so its step count
+    lives on the GPU; autocast with its cast cache off. The noise is drawn outside the graph,
+    by draw_noise as the eager step draws it, so the RNG stream and a checkpoint's RNG state
+    stay the eager run's. The warm-up steps train: their changes to the weights, BatchNorm
+    statistics and Adam state are undone afterwards, in place (the graph holds those tensors'
+    addresses), so the first replay is the run's next step. The graph is captured at the first
+    batch of `batch` images; a batch of another size (images dropped as undecodable) takes the
+    eager step. Statistics returned by a replay are overwritten by the next one.
+    """
+
+    def __init__(self, G, D, opt_G, opt_D, nz, autocast=contextlib.nullcontext, *, batch, warmup=3):
+        for opt in (opt_G, opt_D):
+            if not all(group["capturable"] for group in opt.param_groups):
+                raise ValueError("CudaGraphStep needs Adam built with capturable=True")
+        self.G, self.D, self.opt_G, self.opt_D, self.nz, self.autocast, self.warmup = G, D, opt_G, opt_D, nz, autocast, warmup
+        self.batch, self.graph = batch, None
+
+    def __call__(self, real):
+        if real.shape[0] != self.batch:
+            return train_step(self.G, self.D, self.opt_G, self.opt_D, real, self.nz, self.autocast)
+        if self.graph is None:
+            self._capture(real)
+        self.real.copy_(real)
+        draw_noise(*self.z.shape, self.z.device, out=self.z)
+        self.graph.replay()
+        return self.stats
+
+    def _capture(self, real):
+        device = real.device
+        self.real = torch.empty_like(real)  # keeps real's memory format (channels-last)
+        self.z = torch.empty(real.shape[0], self.nz, device=device)
+        self.real.copy_(real)
+        self.z.normal_(generator=torch.Generator(device=device).manual_seed(0))  # warm-up noise of its own: the run's RNG is untouched
+        saved = training_state(self.G, self.D, self.opt_G, self.opt_D)
+        step = lambda: train_step(self.G, self.D, self.opt_G, self.opt_D, self.real, self.nz, self.autocast, z=self.z)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # capturable Adam warns when it steps uncaptured; here that is the recipe, not a mistake
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            for _ in range(self.warmup):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.opt_G.zero_grad(set_to_none=True)
+        self.opt_D.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.stats = step()
+        restore_training_state(saved, self.G, self.D, self.opt_G, self.opt_D)
+
+
+def training_state(G, D, opt_G, opt_D):
+    """Copies of every tensor a step changes: weights, BatchNorm buffers, and the Adam state that exists so far."""
+    tensors = [*G.state_dict(keep_vars=True).values(), *D.state_dict(keep_vars=True).values()]
+    tensors += [t for opt in (opt_G, opt_D) for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {id(t): (t, t.detach().clone()) for t in tensors}
+
+
+def restore_training_state(saved, G, D, opt_G, opt_D):
+    """Put back, in place, what training_state saved; Adam state made since is zeroed, which is
+    exactly a fresh Adam's (step 0, both moments 0)."""
+    with torch.no_grad():
+        for t, copy in saved.values():
+            t.copy_(copy)
+        for opt in (opt_G, opt_D):
+            for s in opt.state.values():
+                for t in s.values():
+                    if torch.is_tensor(t) and id(t) not in saved:
+                        t.zero_()

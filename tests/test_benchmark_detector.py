@@ -1,0 +1,35 @@
+"""benchmark.py detector: its PIL baseline degrades faces as frame_augment does, and the report is printed."""
+
+import torch
+
+import benchmark
+import data
+import detector
+
+
+def test_the_pil_baseline_and_frame_augment_degrade_alike():
+    # the before-and-after comparison means something only if both do the same work
+    faces = torch.stack([data.SyntheticFaces(32, 32, seed=0)[i][0] for i in range(32)]).repeat(12, 1, 1, 1)
+    clean = data.quantize(faces)
+    shares = []
+    for augment in (lambda x, g: benchmark.pil_frame_augment(x, g), lambda x, g: detector.frame_augment(x, g)):
+        out = augment(faces, torch.Generator().manual_seed(0))
+        assert torch.equal(out, data.quantize(out))
+        flipped = (out - clean.flip(-1)).abs().flatten(1).mean(1) < (out - clean).abs().flatten(1).mean(1)
+        as_drawn = torch.where(flipped[:, None, None, None], out.flip(-1), out)
+        shares.append(((as_drawn == clean).flatten(1).all(1).float().mean(), flipped.float().mean(),
+                       (as_drawn - clean).abs().mean()))
+    (untouched_a, flips_a, change_a), (untouched_b, flips_b, change_b) = shares
+    assert abs(flips_a - 0.5) < 0.08 and abs(flips_b - 0.5) < 0.08
+    assert abs(untouched_a - untouched_b) < 0.06  # about 0.1 each: nothing but a flip drawn
+    assert 0.8 < change_a / change_b < 1.25
+
+
+def test_bench_detector_prints_both_paths_and_the_machine(capsys):
+    assert benchmark.cli(["detector", "--image-size", "32", "--batch", "4", "--ngf", "8", "--ndf", "8", "--faces", "8",
+                          "--steps", "1", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark detector: cpu (" in out and "torch threads 1" in out
+    assert "| PIL per image (before) | tensor ops on the device (after) | after / before |" in out
+    for row in ("augmentations alone, images/s", "detector training, images/s"):
+        assert f"| {row} |" in out
