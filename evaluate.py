@@ -19,12 +19,22 @@ seeds used nowhere else. Every fake is rounded to 8 bits like the real files. Ea
 run twice: on clean images and after JPEG re-compression at quality 50 (both classes).
 """
 
+import argparse
+import json
 import os
 import sys
 
+import numpy as np
+from tqdm import tqdm
+
+import cache
 import checkpoint
+import data
+import detector
+import faces
 import metrics
-from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli
+from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_atomically
+from video import VIDEO_EXTENSIONS, media_kind
 
 
 # -----------------------------------------------------------------------------
@@ -59,19 +69,6 @@ def get_args_parser():
 
 def evaluate_videos(args):
     """--videos DIR: the detector's video-level report, as JSON beside detector.pt and a table."""
-    import argparse
-    import json
-
-    import numpy as np
-    from tqdm import tqdm
-
-    import cache
-    import data
-    import detector
-    import faces
-    from cli import UserError, write_atomically
-    from video import VIDEO_EXTENSIONS, media_kind
-
     device = pick_device(args.device)
     model, threshold, kind, info = checkpoint.load_detector(args.run, device)
     items = data.labelled_media(args.videos, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS, loose=True)
