@@ -122,8 +122,8 @@ def real_images(cfg, n, image_size, seed):
     return data.to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
-def video_report(model, part, threshold, device, root):
-    scores = detector.video_scores(model, [(v[2], v[3]) for v in part], device)
+def video_report(part, scores, threshold, root):
+    """A part's video scores -> the metrics at the threshold, each video's score, and the real/fake pairs."""
     labels = np.array([v[1] for v in part])
     m = metrics.detection_metrics(scores, labels, threshold)
     m["videos"] = {v[0]: {"label": int(v[1]), "score": float(s)} for v, s in zip(part, scores)}
@@ -228,15 +228,14 @@ def main(argv=None):
 
     valid_scores = detector.video_scores(model, valid[0], device)
     threshold = metrics.pick_threshold(valid_scores, valid_labels)
-    report["valid"] = video_report(model, parts["valid"], threshold, device, args.data)
+    report["valid"] = video_report(parts["valid"], valid_scores, threshold, args.data)
     report["training"] = {"steps": last_step, "best_step": best_step, "batch": args.batch, "lr": args.lr, "minutes": round(minutes, 1),
                           "device": str(device), "interrupted": bool(interrupted)}
     if parts["test"]:
-        report["test"] = video_report(model, parts["test"], threshold, device, args.data)
-        t = report["test"]
-        writer.add_scalar("detector/test_auc", t["auc"], best_step)
-        writer.add_image("detector/test_scores", metrics.score_chart(np.array([v["score"] for v in t["videos"].values()]),
-                                                                      np.array([v["label"] for v in t["videos"].values()]), threshold), best_step)
+        test_scores = detector.video_scores(model, [(v[2], v[3]) for v in parts["test"]], device)
+        report["test"] = video_report(parts["test"], test_scores, threshold, args.data)
+        writer.add_scalar("detector/test_auc", report["test"]["auc"], best_step)
+        writer.add_image("detector/test_scores", metrics.score_chart(test_scores, [v[1] for v in parts["test"]], threshold), best_step)
     writer.close()
     checkpoint.save_detector(out, model.cpu(), threshold, cfg, checkpoint.detector_config(cfg, args.image_size), method="trained", **report)
     write_atomically(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))
