@@ -489,16 +489,19 @@ class Batches:
         idx = torch.randint(len(pool), (n,), generator=self.g).numpy()
         return normalize_uint8(np.ascontiguousarray(pool[np.sort(idx)]))
 
+    @staticmethod
+    def _shares(n, k):
+        """n split into k near-equal whole parts, the larger first."""
+        return [n // k + (i < n % k) for i in range(k)]
+
     def _reals(self, n):
-        share = [n // len(self.real) + (i < n % len(self.real)) for i in range(len(self.real))]
-        return torch.cat([self._pick(pool, k) for pool, k in zip(self.real, share) if k])
+        return torch.cat([self._pick(pool, k) for pool, k in zip(self.real, self._shares(n, len(self.real))) if k])
 
     def __next__(self):
         b = self.batch
         real = self._reals(b)
-        share = [b // len(self.sources) + (i < b % len(self.sources)) for i in range(len(self.sources))]
         fakes = []
-        for source, n in zip(self.sources, share):
+        for source, n in zip(self.sources, self._shares(b, len(self.sources))):
             if n == 0:
                 continue
             if source == "labelled":
