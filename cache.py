@@ -272,9 +272,9 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     kept = [(r["position"], f["crop"]) for r in records for f in r["faces"]]
     faces = np.stack([crops[c] for _, c in kept]) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
     positions = np.array([p for p, _ in kept], dtype=np.int64)
+    tmp = f"{target}.tmp-{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        tmp = f"{target}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             np.savez(f, faces=faces, frames=positions)
         os.replace(tmp, target)
