@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import zipfile
 
 import numpy as np
 import PIL
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from cli import UserError, make_folder
+from cli import UserError, make_folder, write_atomically
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -229,57 +230,74 @@ def _decode_chunk(job):
 
 
 # -----------------------------------------------------------------------------
-# face crops of videos, for the detector: found once per file and settings
+# face crops of videos and images, for the detector: found once per file and settings
 
-FACES_FORMAT = 2  # 2: the faces of the main tracks, with their frames
+FACES_FORMAT = 3  # 3: landmarks beside the faces of the main tracks and their frames
 
 
 def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
-    """The face crops of one video or image that detect.py would score -> (uint8 (N, S, S, 3), frame positions (N,)).
+    """The face crops of one video or image as the detector sees them -> (uint8 (N, S, S, 3), frame positions (N,),
+    landmarks (N, 5, 2) in the crops' pixels, NaN where none were found).
 
-    Found, followed across frames and cropped as detect.py does it (the faces of the main
-    --max-faces tracks, resized as detect.py resizes them for the model); frame positions
-    number the sampled frames, so a video's score can be taken per frame as detect.py takes
-    it. Kept in cache_dir/faces/ under a key of the file (path, size, modification time) and
-    every setting, so a second run decodes nothing. Raises UserError for a file that cannot be read.
+    From faces.media_faces, as detect.py scores them: the faces of the main tracks, framed and
+    resized as detect.py frames and resizes them; an image with finder None is a face crop
+    already and is taken whole. Frame positions number the sampled frames, so a video's score can
+    be taken per frame. Kept in cache_dir/faces/ under a key of the file (path, size,
+    modification time) and every setting, so a second run decodes nothing. Raises UserError for a
+    file that cannot be read.
     """
-    from faces import EXTRA_CANDIDATES, face_crops, keep_tracks  # OpenCV and PyAV, which the GAN's cache does not need
-    from video import input_frames
+    from faces import media_faces as find_faces  # OpenCV and PyAV, which the GAN's cache does not need
     try:
         st = os.stat(path)
     except OSError as e:  # a dangling link, a file removed since it was listed
         raise UserError(f"cannot be read ({e.strerror or e})") from None
     key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
-                                     image_size, CROP, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
+                                     image_size, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "faces")
     target = os.path.join(folder, f"{key}.npz")
     try:
         with np.load(target) as cached:
-            return cached["faces"], cached["frames"]
-    except (OSError, ValueError, KeyError):
-        pass  # not cached yet, or a damaged file: decode again
-    _, decoded = input_frames(path, kind, frames)
-    resize = data.resize_crop(image_size)
-    limit = None if finder is None else finder.max_faces + EXTRA_CANDIDATES
-    records, crops = [], []
-    for position, (_, _, frame) in enumerate(decoded):
-        found = []
-        for box, _, crop in face_crops(frame, finder, limit):
-            found.append({"box": list(box), "crop": len(crops)})
-            crops.append(np.asarray(resize(crop)))
-        records.append({"position": position, "faces": found})
-    keep_tracks(records, finder)
-    kept = [(r["position"], f["crop"]) for r in records for f in r["faces"]]
-    faces = np.stack([crops[c] for _, c in kept]) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
+            return cached["faces"], cached["frames"], cached["landmarks"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # not cached yet, or a damaged entry: found again and rewritten
+    _, records = find_faces(path, kind, finder, frames=frames, size=image_size, landmarks=True)
+    kept = [(position, f) for position, r in enumerate(records) for f in r["faces"]]
+    faces = np.stack([f["pixels"] for _, f in kept]) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
     positions = np.array([p for p, _ in kept], dtype=np.int64)
-    tmp = f"{target}.tmp-{os.getpid()}"
+    marks = np.array([np.full((5, 2), np.nan) if f["landmarks"] is None else f["landmarks"] for _, f in kept],
+                     dtype=np.float32).reshape(-1, 5, 2)
+    make_folder(folder, "face cache folder")
+    write_atomically(target, lambda f: np.savez(f, faces=faces, frames=positions, landmarks=marks))
+    return faces, positions, marks
+
+
+def _faces_worker(job):
+    """In a worker process: one file's faces, or the UserError's text."""
+    import argparse
+    from faces import from_flags
+    path, kind, flags, framing, settings, frames, image_size, cache_dir = job
+    finder = None if flags is None else from_flags(argparse.Namespace(**flags), framing, quiet=True)[0]
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, faces=faces, frames=positions)
-        os.replace(tmp, target)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UserError(f"cannot write the face cache in {folder} ({e.strerror or e}); free space there or pass another --cache-dir") from None
-    return faces, positions
+        return path, media_faces(path, kind, finder, settings, frames, image_size, cache_dir), None
+    except UserError as e:
+        return path, None, str(e)
+
+
+def many_media_faces(jobs, workers=None, desc="faces"):
+    """media_faces for many files on all cores: jobs are (path, kind, finder flags dict or None, framing, settings, frames,
+    image_size, cache_dir); yields (path, result or None, problem or None) in the jobs' order."""
+    workers = workers or len(os.sched_getaffinity(0))
+    bar = tqdm(total=len(jobs), desc=desc, unit="file", dynamic_ncols=True, leave=False)
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for out in pool.imap(_faces_worker, jobs, chunksize=16):
+                    bar.update()
+                    yield out
+        else:
+            for job in jobs:
+                out = _faces_worker(job)
+                bar.update()
+                yield out
+    finally:
+        bar.close()

@@ -1,15 +1,19 @@
 """The checkpoint format, written down once: what each file holds, how it is saved, read and resolved.
 
 Every file is one dict saved with torch.save and read with weights_only=True (a pickle can
-run code). Three kinds share the format, told apart by "kind":
+run code). Four kinds share the format, told apart by "kind":
 
-    training   RUN/checkpoint.pt, written by main.py: config, G, D, opt_G, opt_D, epoch,
-               done_in_epoch, step, fixed_noise, rng, and scaler under fp16
-    snapshot   RUN/snapshots/G_epochNNN.pt, one per epoch: config, G, epoch, step
-    detector   RUN/detector.pt: config (the GAN's), detector (weights), detector_config
-               (how to build it), threshold on P(fake), and how it was made
+    training           RUN/checkpoint.pt, written by main.py: config, G, D, opt_G, opt_D, epoch,
+                       done_in_epoch, step, fixed_noise, rng, and scaler under fp16
+    snapshot           RUN/snapshots/G_epochNNN.pt, one per epoch: config, G, epoch, step
+    detector           detector.pt: detector (weights), detector_config (the network, its input
+                       side, framing, face finder and frames a video), threshold on P(fake), and
+                       how it was made; written by main.py's end-of-run report and train_detector.py
+    detector_training  training.pt of train_detector.py: args, model, opt, schedule, batches,
+                       progress, rng: what --resume needs
 
-Files written before "kind" existed are recognised by their keys.
+Files written before "kind" existed are recognised by their keys; format-1 detectors (a DCGAN
+discriminator whose logit said real) are converted when read.
 """
 
 import glob
@@ -18,16 +22,21 @@ import re
 
 import torch
 
+import detector
 from cli import UserError, make_folder, write_atomically
-from models import Discriminator, Generator, build_models
+from faces import CELEBA_FRAMING
+from models import Generator, build_models
 
-FORMAT = 1
+FORMAT = 2  # 2: detectors of any network, whose logit says fake
 KEYS = {
     "training": ("config", "G", "D", "opt_G", "opt_D", "epoch", "done_in_epoch", "step", "fixed_noise", "rng"),
     "snapshot": ("config", "G", "epoch", "step"),
-    "detector": ("config", "detector", "threshold"),
+    "detector": ("detector", "threshold"),
+    "detector_training": ("args", "model", "opt", "schedule", "batches", "progress", "rng"),
 }
 SHAPE_KEYS = ("nz", "ngf", "ndf", "channels", "image_size")  # what a run's networks are built from
+# The detector detect.py uses when given none: trained by the README's recipe (detectors/README.md says on what).
+SHIPPED_DETECTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detectors", "default.pt")
 
 
 def save(state, path, kind):
@@ -69,7 +78,7 @@ def load(path, kinds=("training",), use="this command"):
     except Exception as e:  # truncated files, other pickles, text files: all the user's to fix
         first = str(e).splitlines()[0] if str(e) else "unreadable"
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}); it may be truncated or not a PyTorch file") from None
-    if not isinstance(ckpt, dict) or "format" not in ckpt or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or "format" not in ckpt or not ({"config", "kind"} & set(ckpt)):
         raise UserError(f"{path} is not a checkpoint written by this project (it has no format and config); "
                         "train one with main.py or point at a run folder")
     if ckpt["format"] > FORMAT:
@@ -79,7 +88,7 @@ def load(path, kinds=("training",), use="this command"):
         wanted = " or ".join(f"a {k} checkpoint" for k in kinds)
         raise UserError(f"{path} is a {kind} file, but {use} needs {wanted}"
                         + ("; give the run folder or its checkpoint.pt" if "training" in kinds else ""))
-    missing = [k for k in KEYS[kind] if k not in ckpt] + [k for k in SHAPE_KEYS if k not in ckpt["config"]]
+    missing = [k for k in KEYS[kind] if k not in ckpt] + [k for k in SHAPE_KEYS if k not in ckpt.get("config", SHAPE_KEYS)]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot be used; it may come from another program")
     return ckpt
@@ -134,45 +143,101 @@ def load_snapshots(run_dir, cfg, device, exclude_epoch=None):
 
 
 # -----------------------------------------------------------------------------
-# detector.pt
+# detector.pt and a detector training's state
 
-def detector_config(cfg, image_size=None):
-    """How to build a detector: a DCGAN discriminator of the run's width at its own image size."""
-    return {"ndf": cfg["ndf"], "channels": cfg["channels"], "image_size": image_size or cfg["image_size"]}
+def detector_config(arch, image_size, *, ndf=None, framing=None, faces=None, frames=32):
+    """How to build a detector and feed it: the network, its input side, how faces are framed and found, frames per video."""
+    return {"arch": arch, "image_size": image_size, **({"ndf": ndf} if ndf else {}), "framing": framing or dict(CELEBA_FRAMING),
+            "faces": faces or {"faces": "auto", "detect_size": 320, "max_faces": 1}, "frames": frames}
+
+
+def gan_detector_config(cfg):
+    """The GAN's end-of-run detector: its discriminator's shape, at its image size, CelebA's framing."""
+    return detector_config("dcgan", cfg["image_size"], ndf=cfg["ndf"])
 
 
 def build_detector(dcfg):
-    return Discriminator(ndf=dcfg["ndf"], channels=dcfg["channels"], image_size=dcfg["image_size"])
+    return detector.build(dcfg["arch"], dcfg["image_size"], ndf=dcfg.get("ndf", 64))
 
 
-def save_detector(path, model, threshold, cfg, dcfg=None, **info):
+def save_detector(path, model, threshold, dcfg, **info):
     """detector.pt: the weights, how to build them, the threshold on P(fake) and whatever describes how they were made."""
-    save({"config": cfg, "detector": model.state_dict(), "detector_config": dcfg or detector_config(cfg),
-          "threshold": float(threshold), **info}, path, "detector")
+    save({"detector": model.state_dict(), "detector_config": dcfg, "threshold": float(threshold), **info}, path, "detector")
+
+
+def _older_detector(ckpt):
+    """A detector.pt of format 1: a DCGAN discriminator whose logit said real -> (its config, weights whose logit says fake)."""
+    cfg = ckpt["config"]
+    old = ckpt.get("detector_config") or {}
+    dcfg = detector_config("dcgan", old.get("image_size", cfg["image_size"]), ndf=old.get("ndf", cfg["ndf"]))
+    state = {f"net.{k}": v for k, v in ckpt["detector"].items()}
+    last = max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split(".")[2]))
+    state[last] = -state[last]
+    return dcfg, state
 
 
 def load_detector(path, device="cpu"):
-    """A run folder, checkpoint.pt or detector.pt -> (model in eval mode, threshold, kind, detector info dict).
+    """A run folder, checkpoint.pt or detector.pt -> (model in eval mode, threshold, kind, info dict).
 
-    A run folder (or its checkpoint.pt) with a detector.pt beside it means that detector;
-    without one, the GAN's own discriminator at threshold 0.5. info holds at least
-    image_size, the size the model scores at.
+    A GAN run folder (or its checkpoint.pt) with a detector.pt beside it means that detector;
+    without one, the GAN's own discriminator at threshold 0.5. info holds the detector config's
+    keys (image_size, framing, faces, frames) and whatever the file says of how it was made.
     """
     run_dir = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) == "checkpoint.pt" else None
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "detector.pt")):
         path = os.path.join(run_dir, "detector.pt")
     ckpt = load(path, kinds=("training", "detector"), use="scoring")
     if kind_of(ckpt) == "detector":
-        dcfg = ckpt.get("detector_config") or detector_config(ckpt["config"])
+        dcfg, state = (ckpt["detector_config"], ckpt["detector"]) if "arch" in ckpt.get("detector_config", {}) else _older_detector(ckpt)
+        _check_detector_config(dcfg, ckpt["threshold"], path)
         model = build_detector(dcfg)
-        load_state(model, ckpt["detector"], "detector", path)
-        kind = f"{ckpt.get('method', 'fine-tuned')} detector"
+        load_state(model, state, "detector", path)
+        kind = f"{ckpt.get('method', 'fine-tuned')} {dcfg['arch']} detector"
         info = {k: v for k, v in ckpt.items() if k not in ("detector", "format", "kind")}
     else:
-        dcfg = detector_config(ckpt["config"])
-        model = build_detector(dcfg)
-        load_state(model, ckpt["D"], "discriminator", path)
+        dcfg = gan_detector_config(ckpt["config"])
+        G, D = build_models(ckpt["config"])
+        load_state(D, ckpt["D"], "discriminator", path)
+        model = detector.from_discriminator(D, ckpt["config"]["ndf"], ckpt["config"]["image_size"])[0]
         kind = "raw discriminator"
         info = {"config": ckpt["config"], "threshold": 0.5}
-    info["image_size"] = dcfg["image_size"]
+    info.update(dcfg)
     return model.to(device).eval(), float(info["threshold"]), kind, info
+
+
+def _check_detector_config(dcfg, threshold, path):
+    """Every field a detector file needs, checked before the network is built: one sentence for the first that is wrong."""
+    problems = []
+    if dcfg.get("arch") not in detector.ARCHS:
+        problems.append(f"an unknown network {dcfg.get('arch')!r}")
+    if not isinstance(dcfg.get("image_size"), int) or dcfg["image_size"] < 8:
+        problems.append(f"an image size of {dcfg.get('image_size')!r}")
+    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        problems.append(f"a threshold of {threshold!r}")
+    if problems:
+        raise UserError(f"{path} has {problems[0]}, so it cannot be used; it is damaged or was written by another program")
+
+
+def load_weights_file(path):
+    """A torchvision state dict in a local file (--weights), read with weights_only=True -> dict of tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read --weights {path} ({type(e).__name__}); give a torchvision state dict saved with torch.save") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--weights {path} is not a state dict of tensors; give a torchvision network's state_dict() saved with torch.save")
+    return state
+
+
+def save_detector_training(path, state):
+    save(state, path, "detector_training")
+
+
+def load_detector_training(run_dir):
+    """--resume DIR: DIR/training.pt, the state train_detector.py saves as it goes."""
+    path = os.path.join(run_dir, "training.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} holds no training.pt; --resume takes a run folder of train_detector.py that saved its state")
+    return load(path, kinds=("detector_training",), use="train_detector.py --resume")

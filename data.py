@@ -325,14 +325,21 @@ LABELS = {"real": 0, "fake": 1}  # detector labels: 1 = fake, as P(fake) counts 
 DEFAULT_GROUP = r"^(.*?)(?:_\d+)*$"  # the file stem without trailing _N: Keanu_Reeves_0 and _1 are one identity
 
 
-def labelled_media(root, extensions, loose=False):
-    """DIR/real/** and DIR/fake/** -> [(path, label)], label 1 for fake; files with other extensions are passed over.
+def labelled_media(root, extensions, group_by=DEFAULT_GROUP, loose=False):
+    """A labelled data folder -> [(path, label 1 = fake, groups)]: the one reader of real/ and fake/ folders.
 
-    loose: also take every other subfolder whose name starts with real or fake (real-extra/,
-    fake-dfdc/...), and accept a folder with one class only (to count false alarms on real videos).
+    DIR/real/** and DIR/fake/** hold videos and/or face images (files with other endings are
+    passed over). The groups say which files must stay in one part of a split: from DIR/faces.csv
+    (file,label,group; dfdc-faces has one) when it is there, else the identities in each file's
+    name (identities_of with group_by). loose: also take every other subfolder whose name
+    starts with real or fake (real-extra/, fake-dfdc/...), and accept a folder with one class
+    only (to count false alarms on real videos).
     """
     if not os.path.isdir(root):
         raise UserError(f"{root} is not a folder; give a folder with real/ and fake/ subfolders of videos or face images")
+    listed = os.path.join(root, "faces.csv")
+    if os.path.isfile(listed):
+        return _listed_media(root, listed, extensions)
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d.startswith(tuple(LABELS))) if loose else list(LABELS)
     missing = [c for c in LABELS if not os.path.isdir(os.path.join(root, c))]
     if (missing and not loose) or not names:
@@ -342,7 +349,30 @@ def labelled_media(root, extensions, loose=False):
         files = list_images(os.path.join(root, name), extensions)
         if not files and not loose:
             raise UserError(f"no videos or images under {os.path.join(root, name)}; put the {name} ones there")
-        items += [(f, LABELS["fake" if name.startswith("fake") else "real"]) for f in files]
+        items += [(f, LABELS["fake" if name.startswith("fake") else "real"], identities_of(f, group_by)) for f in files]
+    return items
+
+
+def _listed_media(root, listed, extensions):
+    """DIR/faces.csv (file,label,group; file relative to DIR, label real or fake) -> [(path, label, [group])]."""
+    items, problems = [], []
+    with open(listed, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"file", "label", "group"} <= set(reader.fieldnames or ()):
+            raise UserError(f"{listed} needs the columns file,label,group (it has {','.join(reader.fieldnames or ()) or 'none'})")
+        for line, row in enumerate(reader, start=2):
+            path = os.path.join(root, row["file"])
+            if row["label"] not in LABELS:
+                problems.append(f"line {line}: label {row['label']!r} is neither real nor fake")
+            elif not row["file"].lower().endswith(extensions) or not os.path.isfile(path):
+                problems.append(f"line {line}: {row['file']} is not a video or image file under {root}")
+            else:
+                items.append((path, LABELS[row["label"]], [row["group"] or row["file"]]))
+    if problems:
+        raise UserError(f"{listed}: {len(problems)} rows cannot be used ({problems[0]}{'; ...' if len(problems) > 1 else ''}); "
+                        "fix them or remove the rows")
+    if {label for _, label, _ in items} != {0, 1}:
+        raise UserError(f"{listed} must list real and fake files")
     return items
 
 
@@ -358,15 +388,14 @@ def identities_of(path, pattern=DEFAULT_GROUP):
     return [f for f in found if f] or [stem]
 
 
-def split_by_group(items, pattern=DEFAULT_GROUP, valid=0.2, test=0.2, seed=0):
-    """[(path, label)] -> {"train", "valid", "test": [(path, label)]}, every identity in one part only.
+def split_by_group(items, valid=0.2, test=0.2, seed=0):
+    """[(path, label, groups)] -> ({"train", "valid", "test": [(path, label)]}, {part: group names}), no group in two parts.
 
-    Files that share an identity are one group (000_003 joins both 000 and 003). Groups are
-    shuffled by a seeded hash of their names and dealt out to test and valid until each holds
-    about its share of the files; the rest train. Each part needs real and fake files.
-    Returns the parts and the groups in each.
+    Files that share a group are one unit (a file showing two identities, 000_003, joins both
+    000 and 003). Units are shuffled by a seeded hash of their names and dealt out to test and
+    valid until each holds about its share of the files; the rest train. Each part needs real and fake files.
     """
-    parent = {}  # union-find over identities: a file showing two of them joins their groups
+    parent = {}  # union-find over groups: a file in two of them joins them
 
     def root(x):
         while parent.setdefault(x, x) != x:
@@ -374,34 +403,33 @@ def split_by_group(items, pattern=DEFAULT_GROUP, valid=0.2, test=0.2, seed=0):
             x = parent[x]
         return x
 
-    shown = [identities_of(path, pattern) for path, _ in items]
-    for ids in shown:
+    for _, _, ids in items:
         for other in ids[1:]:
             parent[root(other)] = root(ids[0])
     members = {}
-    for ids in shown:
+    for _, _, ids in items:
         members.setdefault(root(ids[0]), set()).update(ids)
-    groups = {}
-    for (path, label), ids in zip(items, shown):
-        groups.setdefault("+".join(sorted(members[root(ids[0])])), []).append((path, label))
-    order = sorted(groups, key=lambda g: zlib.crc32(f"{seed}:{g}".encode()))
+    units = {}
+    for path, label, ids in items:
+        units.setdefault("+".join(sorted(members[root(ids[0])])), []).append((path, label))
+    order = sorted(units, key=lambda g: zlib.crc32(f"{seed}:{g}".encode()))
     parts = {"test": [], "valid": [], "train": []}
     want = {"test": test * len(items), "valid": valid * len(items)}
     names = {p: [] for p in parts}
     for g in order:
-        # a part takes an identity while that brings it nearer its share than it was
-        part = next((p for p in ("test", "valid") if len(parts[p]) + len(groups[g]) / 2 <= want[p]), "train")
-        parts[part] += groups[g]
+        # a part takes a unit while that brings it nearer its share than it was
+        part = next((p for p in ("test", "valid") if len(parts[p]) + len(units[g]) / 2 <= want[p]), "train")
+        parts[part] += units[g]
         names[part].append(g)
     for part, chosen in parts.items():
         labels = {label for _, label in chosen}
         if (part != "train" and want[part] == 0) or labels == {0, 1}:
             continue
-        counts = {c: sum(label == v for _, label in items) for c, v in LABELS.items()}
-        raise UserError(f"cannot split {len(groups)} identities ({counts['real']} real and {counts['fake']} fake files) into train, "
+        counts = {c: sum(label == v for _, label, _ in items) for c, v in LABELS.items()}
+        raise UserError(f"cannot split {len(units)} groups ({counts['real']} real and {counts['fake']} fake files) into train, "
                         f"valid and test parts that each hold real and fake files (the {part} part has "
                         f"{'only ' + next(c for c, v in LABELS.items() if v in labels) if labels else 'nothing'}); "
-                        "add videos of more identities, or check --group-by")
+                        "add files of more identities, or check --group-by")
     return parts, names
 
 

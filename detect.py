@@ -27,12 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 import av
-from checkpoint import load_detector
-from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli
+from checkpoint import SHIPPED_DETECTOR, load_detector
+from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli, write_atomically
 from data import IMAGE_EXTENSIONS, list_images
-from detector import NO_FACE, score_input
+from detector import FRAMING, NO_FACE, score_input
 import faces
-from faces import face_crops
+from faces import media_faces
 from PIL import Image
 from video import VIDEO_EXTENSIONS, input_frames, media_kind, read_image, upright
 
@@ -40,13 +40,15 @@ def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_IMAGE_OR_FOLDER",
                    help="videos (mp4, avi, mov, mkv, webm), images, or folders searched recursively")
-    p.add_argument("--checkpoint", metavar="RUN_OR_CHECKPOINT",
-                   help="a run folder, its checkpoint.pt or detector.pt; the fine-tuned detector is used when the run has one, else the GAN's discriminator")
+    p.add_argument("--checkpoint", metavar="RUN_OR_DETECTOR",
+                   help="a run folder of train_detector.py or main.py, or a detector.pt (default: the detector that ships with the "
+                        "project, detectors/default.pt); a GAN run without detector.pt is scored by its discriminator")
     g = p.add_argument_group("frames and faces")
     sampling = g.add_mutually_exclusive_group()
-    sampling.add_argument("--frames", type=at_least(1), default=32, help="frames per video, spread evenly from first to last")
+    sampling.add_argument("--frames", type=at_least(1), default=None,
+                          help="frames per video, spread evenly from first to last (default: the detector's, 32)")
     sampling.add_argument("--every", type=at_least(1), default=None, metavar="K", help="instead: every K-th frame (--every 1: all of them)")
-    faces.add_flags(g, at_least)
+    faces.add_flags(g, at_least, stored=True)
     g = p.add_argument_group("scoring")
     g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above; None: the threshold stored with the detector")
     g.add_argument("--batch", type=at_least(1), default=64, help="face crops per forward pass")
@@ -305,7 +307,8 @@ def print_table(results):
 # face crops for training
 
 def extract(inputs, finder, args):
-    """Write every face crop of every sampled frame as a PNG (lossless: training reads the crop that would be scored)."""
+    """Write the face crops of the main tracks of every input as PNG (lossless), framed as train_detector.py frames a video's
+    faces, so that a folder of them can be trained on as face crops."""
     make_folder(args.extract, "--extract folder")
     failed, taken = 0, set()
     for path, kind, problem in tqdm(inputs, desc="files", unit="file", dynamic_ncols=True):
@@ -313,11 +316,13 @@ def extract(inputs, finder, args):
             if problem:
                 raise UserError(problem)
             stem = unique_stem(path, taken)
-            info, decoded = input_frames(path, kind, args.frames, args.every)
+            info, records = media_faces(path, kind, finder, frames=args.frames, every=args.every, progress=True)
             n = 0
-            for index, _, frame in tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False):
-                for k, (_, _, crop) in enumerate(face_crops(frame, finder)):
-                    crop.save(os.path.join(args.extract, f"{stem}_{index:06d}_{k}.png"))
+            for r in records:
+                for face in r["faces"]:
+                    crop = face["pixels"]
+                    write_atomically(os.path.join(args.extract, f"{stem}_{r['index']:06d}_{face['track']}.png"),
+                                     lambda f: crop.save(f, format="PNG"))
                     n += 1
             tqdm.write(f"{path}: {n} face crops from {info['frames_sampled']} frames" + (" (no face found)" if n == 0 else ""))
         except UserError as e:
@@ -328,25 +333,38 @@ def extract(inputs, finder, args):
 
 # -----------------------------------------------------------------------------
 
+def finder_for(args, info):
+    """The face finder and frame sampling the detector was trained with, unless a flag overrides them."""
+    stored = info.get("faces", {})
+    for key, default in (("faces", "auto"), ("detect_size", 320), ("max_faces", 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, stored.get(key, default))
+    if args.frames is None and args.every is None:
+        args.frames = info.get("frames", 32)
+    return faces.from_flags(args, info.get("framing"))[0]
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    finder, _ = faces.from_flags(args)
     inputs = list_inputs(args.inputs)
     if not inputs:
         raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
     if args.extract:
-        return extract(inputs, finder, args)
-    if args.checkpoint is None:
-        raise UserError("give --checkpoint RUN_OR_CHECKPOINT (a run folder of main.py), or --extract DIR to only write face crops")
+        return extract(inputs, finder_for(args, {"framing": FRAMING}), args)
     if args.annotate and not args.out:
         raise UserError("--annotate writes into the --out folder; give --out DIR as well")
 
     # the checkpoint is read, and any mismatch reported, before a single frame is decoded
     device = pick_device(args.device)
-    model, threshold, detector_kind, info = load_detector(args.checkpoint, device)
+    source = args.checkpoint or SHIPPED_DETECTOR
+    if args.checkpoint is None and not os.path.isfile(SHIPPED_DETECTOR):
+        raise UserError(f"the detector that ships with the project, {SHIPPED_DETECTOR}, is missing; restore it with "
+                        "git checkout, or give --checkpoint RUN (a run folder of train_detector.py or main.py)")
+    model, threshold, detector_kind, info = load_detector(source, device)
+    finder = finder_for(args, info)
     if args.threshold is not None:
         threshold = args.threshold
-    print(f"detector: the {detector_kind} of {args.checkpoint} ({info['image_size']}x{info['image_size']}), "
+    print(f"detector: the {detector_kind} of {source} ({info['image_size']}x{info['image_size']}), "
           f"threshold {threshold:.3f}, on {device}")
     if detector_kind == "raw discriminator":
         print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")

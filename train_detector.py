@@ -1,35 +1,46 @@
-"""Train the deepfake detector of a GAN run on labelled videos, self-blended faces and the GAN's own fakes.
+"""Train a deepfake detector on labelled faces and videos, self-blended faces and, if asked, a GAN's fakes.
 
-    python train_detector.py runs/generative_model/001-celeba-64 --data deepfakes/
-    python train_detector.py RUN --data deepfakes/ --no-gan-fakes --init random   # an ablation
-    python detect.py clip.mp4 --checkpoint RUN                                    # uses RUN/detector.pt
+    python train_detector.py --data dfdc-faces/ --data deepfakes/          # the README's recipe
+    python train_detector.py --data deepfakes/ --arch dcgan --gan runs/generative_model/001-celeba-64
+    python train_detector.py --resume runs/detector/001-mobilenet_v3_large-128   # continue a stopped run
+    python detect.py clip.mp4 --checkpoint runs/detector/001-mobilenet_v3_large-128
 
-DIR holds real/ and fake/, each with videos and/or face images, searched recursively (the
-shape of FaceForensics++'s original and manipulated sequences). Faces are found, sampled
-and cropped exactly as detect.py does it, and cached. Videos are split into train,
-validation and test parts by identity (the file stem without a trailing _N, or
---group-by: a file showing two identities joins both), never by frame. The fakes come from up to three sources:
+Every --data DIR holds real/ and fake/ with videos and/or face images, searched recursively;
+an optional DIR/faces.csv (file,label,group) gives the groups, else they come from the file
+names (--group-by). Images are face crops and are used as they are; videos go through the
+face finder and are cropped at the detector's framing. Each DIR is split into train,
+validation and test parts by its own groups, never by frame. The fakes come from up to three
+sources:
 
-    labelled  the faces of DIR/fake/
+    labelled  the faces of each DIR's fake/
     sbi       self-blended faces (Shiohara & Yamasaki 2022): each real face pasted onto a
-              colour-, sharpness- and scale-jittered copy of itself through a soft, deformed
-              face mask, from DIR/real/ and the GAN run's real training images
-    gan       samples of the run's final generator and of its per-epoch snapshots
+              colour-, sharpness- and scale-jittered copy of itself through a mask drawn from
+              its landmarks, from every DIR's real faces and every --real folder
+    gan       samples of a GAN run's generator and its snapshots (--gan RUN)
 
-The model is a DCGAN discriminator at --image-size, started from the run's discriminator
-(the layers that fit) or from scratch. The best model and the threshold are chosen on the
-validation videos' scores (the mean P(fake) of a video's faces, as detect.py scores); the
-test part is scored once at the end. detector.pt keeps the threshold, the image size, the
-sources, the split and both reports.
+The network is one of torchvision's classifiers (--arch), from scratch, from ImageNet
+(--pretrained) or from a local torchvision state dict (--weights), or the GAN's discriminator
+(--arch dcgan --gan RUN). Training runs --epochs passes over the training faces with a
+warm-up and cosine learning-rate schedule, keeps the weights that score best on the validation
+parts, and saves its state every --save-every seconds: a stopped or killed run continues with
+--resume. The threshold is picked on the validation videos' scores; the test parts are scored
+once, at the end. The run folder gets detector.pt (what detect.py and evaluate.py use),
+detector.json (the split and the reports), training.pt (for --resume) and TensorBoard curves.
 """
 
 import json
 import os
+import re
 import signal
 import sys
 import time
 
-import numpy as np
+# Training shares the CPU with the face finder's workers and, on a shared machine, with other
+# programs: OpenMP threads that spin while they wait for a core then slow every step several
+# times over (docs/detector.md: measured). Sleeping waiters lose little on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402 (after the OpenMP setting, which is read when torch loads)
 import torch
 from tqdm import tqdm
 
@@ -39,212 +50,381 @@ import data
 import detector
 import faces
 import metrics
-from cli import (ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, probability, regex, run_cli,
+from blends import MASKS
+from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, regex, run_cli,
                  write_atomically)
-from models import IMAGE_SIZES
 from video import VIDEO_EXTENSIONS, media_kind
+
+RUNS = "runs/detector"
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Train the run's deepfake detector on labelled videos, self-blended faces and the GAN's fakes.")
-    p.add_argument("run", metavar="RUN", help="a GAN run folder made by main.py")
-    p.add_argument("--data", required=True, metavar="DIR", help="DIR/real/ and DIR/fake/: videos and/or face images, searched recursively")
-    p.add_argument("--out", default=None, metavar="PATH", help="where to write the detector (default: RUN/detector.pt, which detect.py uses)")
+    p = ArgumentParser(description="Train a deepfake detector on labelled faces and videos and self-blended faces.")
+    p.add_argument("--data", action="append", default=None, metavar="DIR",
+                   help="DIR/real/ and DIR/fake/: videos and/or face images, searched recursively, and optionally DIR/faces.csv "
+                        "(file,label,group); repeat for several folders")
+    p.add_argument("--real", action="append", default=[], metavar="DIR",
+                   help="a folder of real face photos (CelebA, say), searched with the face finder, used as real faces and self-blended; repeatable")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"the run folder (default: {RUNS}/NNN-ARCH-SIZE, numbered)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR where it stopped; its flags come from DIR")
     g = p.add_argument_group("faces")
     g.add_argument("--frames", type=at_least(1), default=32, help="frames sampled per video, spread evenly")
     faces.add_flags(g, at_least)
     g.add_argument("--cache-dir", default="data/cache", help="face crops are cached here, per file and settings")
+    g.add_argument("--workers", type=at_least(1), default=None, help="processes finding faces the first time (default: every core)")
     g = p.add_argument_group("split")
     g.add_argument("--group-by", type=regex, default=data.DEFAULT_GROUP, metavar="REGEX",
-                   help="the identities a file shows: every match of this regex on its stem (its first group, if any); files that share "
-                        "an identity stay in one part. FaceForensics++ (000_003: the frames of 000, the face of 003): --group-by '\\d+'")
-    g.add_argument("--valid", type=probability, default=0.2, help="share of the files for validation (threshold and model choice)")
-    g.add_argument("--test", type=probability, default=0.2, help="share of the files held out for the final test")
+                   help="without faces.csv, the identities a file shows: every match of this regex on its stem (its first group, if "
+                        "any); files that share one stay in one part. FaceForensics++ (000_003): --group-by '\\d+'")
+    g.add_argument("--valid", type=probability, default=0.1, help="share of each folder's files for validation (model choice, threshold)")
+    g.add_argument("--test", type=probability, default=0.2, help="share of each folder's files held out for the final test")
     g = p.add_argument_group("fakes")
-    g.add_argument("--labelled-fakes", action="store_true", default=True, help="the faces of DIR/fake/")
+    g.add_argument("--labelled-fakes", action="store_true", default=True, help="the faces of each DIR/fake/")
     g.add_argument("--no-labelled-fakes", dest="labelled_fakes", action="store_false")
     g.add_argument("--sbi", action="store_true", default=True, help="self-blended faces made from the real ones")
     g.add_argument("--no-sbi", dest="sbi", action="store_false")
-    g.add_argument("--gan-fakes", action="store_true", default=True, help="samples of the run's generator and its snapshots")
-    g.add_argument("--no-gan-fakes", dest="gan_fakes", action="store_false")
-    g.add_argument("--real-images", type=at_least(0), default=2000,
-                   help="real training images of the GAN run added to the real faces (and self-blended); 0: none")
+    g.add_argument("--mask", choices=MASKS, default="landmarks", help="the self-blend's mask: the face's landmark outline, or an ellipse")
+    g.add_argument("--gan", default=None, metavar="RUN", help="a GAN run of main.py: its discriminator for --arch dcgan, its fakes for --gan-fakes")
+    g.add_argument("--gan-fakes", action="store_true", default=False, help="samples of --gan's generator and its snapshots as fakes")
     g = p.add_argument_group("model and training")
-    g.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=128,
-                   help="the detector's input side; faces in videos are hundreds of pixels wide and swap traces are fine")
-    g.add_argument("--init", choices=("gan", "random"), default="gan", help="gan: start from the run's discriminator (the layers that fit)")
-    g.add_argument("--steps", type=at_least(1), default=300, help="training steps (300 at 128 px: about half an hour on 2 CPU cores)")
-    g.add_argument("--batch", type=at_least(2), default=32, help="real faces per step, plus as many fakes")
-    g.add_argument("--lr", type=at_least(1e-12, float), default=2e-4, help="Adam learning rate")
-    g.add_argument("--eval-every", type=at_least(1), default=50, help="score the validation videos every N steps (and keep the best)")
+    g.add_argument("--arch", choices=detector.ARCHS, default="mobilenet_v3_large",
+                   help="a torchvision classifier, or dcgan: the --gan run's discriminator, fine-tuned")
+    g.add_argument("--image-size", type=at_least(32), default=128, help="the detector's input side, in pixels")
+    g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (downloaded once by torchvision)")
+    g.add_argument("--weights", default=None, metavar="FILE", help="start from this torchvision ImageNet state dict of --arch (a local file)")
+    g.add_argument("--epochs", type=at_least(1), default=14, help="passes over the training faces (the real ones and as many fakes)")
+    g.add_argument("--batch", type=at_least(4), default=64, help="faces per step, half real, half fake")
+    g.add_argument("--lr", type=at_least(1e-12, float), default=2e-3, help="peak learning rate (AdamW; Adam at 2e-4 suits dcgan)")
+    g.add_argument("--eval-every", type=at_least(1), default=None, help="score the validation parts every N steps and keep the best (default: 8 times a run)")
+    g.add_argument("--save-every", type=at_least(1, float), default=120.0, help="save the training state every N seconds, for --resume")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches")
     add_device_flag(g)
     return p
 
 
 # -----------------------------------------------------------------------------
-# faces of the labelled videos
+# the data: every folder's parts, as faces
 
-def load_part(items, finder, settings, args, what):
-    """[(path, label)] -> [(path, label, faces uint8 (N, S, S, 3), their frame positions)]; a file that cannot be read costs one line, not the run."""
-    out = []
-    for path, label in tqdm(items, desc=f"faces: {what}", unit="file", dynamic_ncols=True, leave=False):
+class Part:
+    """The files of one part of one data folder and their faces: lists of (path, label, faces, frame positions, landmarks)."""
+
+    def __init__(self, root, name, files):
+        self.root, self.name, self.files = root, name, files
+
+    def videos(self):
+        return [(f[2], f[3]) for f in self.files]
+
+    def labels(self):
+        return np.array([f[1] for f in self.files])
+
+    def pool(self, label):
+        chosen = [f for f in self.files if f[1] == label]
+        if not chosen:
+            return None
+        name = f"{os.path.basename(os.path.normpath(self.root))}/{'fake' if label else 'real'}"
+        return detector.Pool(name, np.concatenate([f[2] for f in chosen]), np.concatenate([f[4] for f in chosen]))
+
+    def describe(self):
+        count = lambda label, faces: int(sum(len(f[2]) if faces else 1 for f in self.files if f[1] == label))
+        return {"files_real": count(0, False), "files_fake": count(1, False), "faces_real": count(0, True), "faces_fake": count(1, True)}
+
+
+def face_jobs(items, args, framing, as_crops):
+    """cache.many_media_faces jobs: images used as they are (face crops), videos and --real photos through the finder."""
+    flags = {"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces}
+    finder, settings = faces.from_flags(argparse_namespace(flags), framing, quiet=True)
+    jobs = []
+    for path in items:
+        crop = as_crops and media_kind(path) == "image"
+        jobs.append((path, media_kind(path), None if crop else flags, framing, {"faces": "none"} if crop else settings,
+                     args.frames, args.image_size, args.cache_dir))
+    return jobs
+
+
+def argparse_namespace(d):
+    import argparse
+    return argparse.Namespace(**d)
+
+
+def load_faces(paths, args, framing, as_crops, desc):
+    """{path: (faces, positions, landmarks)} for the paths whose faces could be found; one warning line for each of the others."""
+    found = {}
+    for path, result, problem in cache.many_media_faces(face_jobs(paths, args, framing, as_crops), args.workers, desc):
+        if problem or len(result[0]) == 0:
+            tqdm.write(f"warning: {path}: {problem or f'no face found in {args.frames} sampled frames'}; left out", file=sys.stderr)
+            continue
+        found[path] = result
+    return found
+
+
+def load_folder(root, args, framing):
+    """One --data folder -> ({part: Part}, {part: group names}), each part checked to hold real and fake files."""
+    items = data.labelled_media(root, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS, args.group_by)
+    split, groups = data.split_by_group(items, args.valid, args.test, args.seed)
+    found = load_faces([p for p, _ in sum(split.values(), [])], args, framing, True, f"faces of {root}")
+    parts = {}
+    for name, chosen in split.items():
+        files = [(p, label, *found[p]) for p, label in chosen if p in found]
+        if chosen and {f[1] for f in files} != {0, 1}:
+            raise UserError(f"after leaving out unreadable and faceless files, the {name} part of {root} lacks real or fake files; "
+                            "add files or check the warnings above")
+        parts[name] = Part(root, name, files)
+    return parts, groups
+
+
+def load_real_photos(root, args, framing):
+    """A --real folder -> a Pool of its faces (every image searched with the finder and cropped at the framing)."""
+    if not os.path.isdir(root):
+        raise UserError(f"--real {root} is not a folder of face photos")
+    found = load_faces(data.list_images(root), args, framing, False, f"faces of {root}")
+    if not found:
+        raise UserError(f"--real {root}: no face found in any of its images")
+    values = list(found.values())
+    return detector.Pool(os.path.basename(os.path.normpath(root)), np.concatenate([v[0] for v in values]),
+                         np.concatenate([v[2] for v in values]))
+
+
+# -----------------------------------------------------------------------------
+# the model, the batches and the validation
+
+def load_gan(args, device):
+    """--gan RUN -> (its config, G, D, generators for fakes)."""
+    ckpt = checkpoint.load(args.gan, use="train_detector.py --gan")
+    G, D = checkpoint.models_from(ckpt, args.gan)
+    gens = [G.to(device).eval()] + checkpoint.load_snapshots(checkpoint.run_dir_of(args.gan), ckpt["config"], device,
+                                                             exclude_epoch=ckpt["epoch"])
+    return ckpt["config"], G, D, gens
+
+
+def make_model(args, gan):
+    """The network --arch, --pretrained, --weights and --gan ask for."""
+    if args.arch == "dcgan":
+        if gan is None:
+            raise UserError("--arch dcgan starts from a GAN's discriminator: give --gan RUN (a run folder of main.py)")
+        model, copied = detector.from_discriminator(gan[2], gan[0]["ndf"], args.image_size)
+        print(f"init: {len(copied)} of {len(model.net.state_dict())} tensors from the run's discriminator")
+        return model
+    weights = None
+    if args.weights:
+        weights = checkpoint.load_weights_file(args.weights)
+    elif args.pretrained:
         try:
-            crops, frames = cache.media_faces(path, media_kind(path), finder, settings, args.frames, args.image_size, args.cache_dir)
-        except UserError as e:
-            tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
-            continue
-        if len(crops) == 0:
-            tqdm.write(f"warning: {path}: no face found in {args.frames} sampled frames; left out", file=sys.stderr)
-            continue
-        out.append((path, label, crops, frames))
-    return out
-
-
-def describe(part):
-    real = [v for v in part if v[1] == 0]
-    fake = [v for v in part if v[1] == 1]
-    return {"videos_real": len(real), "videos_fake": len(fake),
-            "faces_real": int(sum(len(v[2]) for v in real)), "faces_fake": int(sum(len(v[2]) for v in fake))}
-
-
-def real_images(cfg, n, image_size, seed):
-    """n of the GAN run's real training images, as uint8 (N, S, S, 3) at the detector's size.
-
-    Read at the GAN's own size and scaled up exactly as its fakes are, so that softness is
-    not what tells the GAN's fakes from its real images.
-    """
+            weights = detector.imagenet_weights(args.arch)
+        except Exception as e:  # no network, a proxy, a full disk: all the user's to fix
+            raise UserError(f"--pretrained could not get torchvision's ImageNet weights for {args.arch} ({type(e).__name__}); "
+                            "download them where you can and pass --weights FILE, or leave --pretrained out") from None
     try:
-        dataset = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["synthetic_size"])
-    except UserError as e:
-        raise UserError(f"the run's training images are needed for --real-images: {e}; pass --real-images 0 to go without them") from None
-    images = detector.to_size(data.load_images(dataset, n, seed), image_size)
-    return data.to_uint8(images).permute(0, 2, 3, 1).numpy()
+        return detector.build(args.arch, args.image_size, weights=weights)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:2])
+        raise UserError(f"--weights {args.weights} does not fit torchvision's {args.arch} ({detail[:200]}); "
+                        f"give the ImageNet state dict of {args.arch}") from None
 
 
-def video_report(part, scores, threshold, root):
-    """A part's video scores -> the metrics at the threshold, each video's score, and the real/fake pairs."""
-    labels = np.array([v[1] for v in part])
-    m = metrics.detection_metrics(scores, labels, threshold)
-    m["videos"] = {v[0]: {"label": int(v[1]), "score": float(s)} for v, s in zip(part, scores)}
-    m["pairs_fake_above_real"] = metrics.pair_wins({p: v["score"] for p, v in m["videos"].items()}, root)
-    return m
+def make_batches(folders, extra_real, args, gan, device):
+    """The training batches: every folder's real faces (and --real photos) against the fakes of each source."""
+    train = [parts["train"] for parts, _ in folders]
+    real = [p.pool(0) for p in train] + extra_real
+    fakes = {}
+    if args.labelled_fakes:
+        fakes["labelled"] = [pool for pool in (p.pool(1) for p in train) if pool is not None]
+    if args.sbi:
+        fakes["sbi"] = real
+    if args.gan_fakes:
+        fakes["gan"] = gan[3]
+    return detector.Batches(real, fakes, batch=args.batch, image_size=args.image_size, framing_scale=detector.FRAMING["scale"],
+                            nz=gan[0]["nz"] if gan else None, mask=args.mask, device=device, seed=args.seed)
+
+
+def part_scores(model, parts, device):
+    """{folder: video scores} of one part of every folder."""
+    return {p.root: detector.video_scores(model, p.videos(), device)[0] for p in parts}
+
+
+def make_validate(folders, device):
+    """validate(model) -> (mean validation AUC over the folders, {folder: AUC}): the video AUC, as detect.py scores."""
+    valid = [parts["valid"] for parts, _ in folders]
+
+    def validate(model):
+        aucs = {p.root: metrics.detection_metrics(s, p.labels())["auc"] for p, s in zip(valid, part_scores(model, valid, device).values())}
+        return float(np.mean(list(aucs.values()))), aucs
+    return validate
+
+
+# -----------------------------------------------------------------------------
+# the run folder, its state and its end
+
+def pick_out_dir(args):
+    if args.out:
+        if os.path.exists(os.path.join(args.out, "training.pt")):
+            raise UserError(f"{args.out} already holds a detector training; continue it with --resume {args.out} or give another --out")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UserError(f"--out {args.out} is a file; give a folder (it is created when missing)")
+        return args.out
+    taken = [int(m.group(1)) for d in (os.listdir(RUNS) if os.path.isdir(RUNS) else []) if (m := re.match(r"(\d+)-", d))]
+    return os.path.join(RUNS, f"{max(taken, default=0) + 1:03d}-{args.arch}-{args.image_size}")
+
+
+def resume_args(args):
+    """--resume DIR -> the run's own flags (the device and --save-every may change) and its training state."""
+    state = checkpoint.load_detector_training(args.resume)
+    stored = argparse_namespace(state["args"])
+    stored.device, stored.save_every, stored.resume, stored.out = args.device, args.save_every, args.resume, args.resume
+    return stored, state
+
+
+def state_saver(out, args, model, opt, schedule, batches):
+    """save(progress): everything a resumed run needs, in out/training.pt."""
+    def save(progress):
+        checkpoint.save_detector_training(os.path.join(out, "training.pt"), {
+            "args": vars(args), "model": model.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict(),
+            "batches": batches.state_dict(), "progress": progress.__dict__, "rng": torch.get_rng_state()})
+    return save
+
+
+def restore(state, model, opt, schedule, batches):
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    schedule.load_state_dict(state["schedule"])
+    batches.load_state_dict(state["batches"])
+    torch.set_rng_state(state["rng"])
+    return detector.Progress(**state["progress"])
+
+
+def finish(model, folders, args, out, progress, minutes, device, writer):
+    """The best weights, the threshold from the validation videos, each folder's test report; detector.pt and detector.json."""
+    if progress.best is not None:
+        model.load_state_dict(progress.best)
+    model.eval()
+    valid = [parts["valid"] for parts, _ in folders]
+    valid_scores = part_scores(model, valid, device)
+    threshold = metrics.pick_threshold(np.concatenate(list(valid_scores.values())), np.concatenate([p.labels() for p in valid]))
+    report = {"training": {"steps": progress.step, "best_step": progress.best_step, "faces_seen": progress.seen,
+                           "minutes": round(minutes, 1), "device": str(device), "valid_auc": progress.best_score},
+              "folders": {}}
+    for parts, groups in folders:
+        root = parts["train"].root
+        entry = report["folders"][os.path.abspath(root)] = {"split": {}}
+        for name, part in parts.items():
+            entry["split"][name] = {"groups": groups[name], **part.describe(),
+                                    "files": [os.path.relpath(f[0], root) for f in part.files]}
+        for name in ("valid", "test"):
+            if parts[name].files:
+                scores = valid_scores[root] if name == "valid" else part_scores(model, [parts[name]], device)[root]
+                entry[name] = metrics.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
+                if name == "test" and "overall" in entry[name]:
+                    writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry[name]["overall"]["auc"], progress.step)
+    dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames,
+                                      faces={"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces})
+    info = {"method": "trained", "args": vars(args), **report}
+    path = os.path.join(out, "detector.pt")
+    checkpoint.save_detector(path, model.cpu(), threshold, dcfg, **info)
+    write_atomically(os.path.join(out, "detector.json"), lambda f: f.write(json.dumps(info, indent=1, default=str).encode()))
+    return path, threshold, report
+
+
+def print_report(report, threshold):
+    t = report["training"]
+    print(f"best validation AUC {t['valid_auc']:.3f} at step {t['best_step']} of {t['steps']}; {t['faces_seen']:,} faces seen "
+          f"in {t['minutes']:.1f} min; threshold on P(fake) {threshold:.4g}")
+    for root, entry in report["folders"].items():
+        for name in ("valid", "test"):
+            if "overall" in entry.get(name, {}):
+                print(f"\n{root}, {name} part:\n{metrics.video_table({name: entry[name]['overall']})}")
 
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    run_dir = checkpoint.run_dir_of(args.run)
-    ckpt = checkpoint.load(args.run, use="train_detector.py")
-    cfg = ckpt["config"]
-    out = args.out or os.path.join(run_dir, "detector.pt")
-    sources = [s for s, on in zip(detector.SOURCES, (args.labelled_fakes, args.sbi, args.gan_fakes)) if on]
-    if not sources:
+def check_args(args):
+    if not args.data:
+        raise UserError("give at least one --data DIR (with real/ and fake/), or --resume DIR")
+    if not (args.labelled_fakes or args.sbi or args.gan_fakes):
         raise UserError("every source of fakes is switched off; keep at least one of --labelled-fakes, --sbi, --gan-fakes")
     if args.valid == 0:
-        raise UserError("--valid 0 leaves no validation videos, and the model and its threshold are chosen on them; give a share above 0")
+        raise UserError("--valid 0 leaves no validation files, and the model and its threshold are chosen on them; give a share above 0")
     if args.valid + args.test >= 1:
         raise UserError(f"--valid {args.valid} and --test {args.test} leave nothing to train on; keep their sum below 1")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"--out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist")
+    if args.gan_fakes and not args.gan:
+        raise UserError("--gan-fakes needs --gan RUN, the GAN run whose generator makes them")
+    if args.arch == "dcgan" and (args.pretrained or args.weights):
+        raise UserError("--arch dcgan starts from the --gan run's discriminator; --pretrained and --weights are for torchvision's networks")
+    if args.weights and not os.path.isfile(args.weights):
+        raise UserError(f"--weights {args.weights} is not a file; give a torchvision state dict of --arch {args.arch}")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    state = None
+    if args.resume:
+        args, state = resume_args(args)
+    check_args(args)
+    out = args.out if state else pick_out_dir(args)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
+    gan = load_gan(args, device) if args.gan else None
+    model = make_model(args, gan).to(device, memory_format=torch.channels_last)  # the layout the fast convolutions want
+    folders = [load_folder(root, args, detector.FRAMING) for root in args.data]
+    extra_real = [load_real_photos(root, args, detector.FRAMING) for root in args.real]
+    for parts, groups in folders:
+        for name, part in parts.items():
+            d = part.describe()
+            print(f"{part.root} {name:>5}: {len(groups[name])} groups, {d['files_real']} real + {d['files_fake']} fake files, "
+                  f"{d['faces_real']} + {d['faces_fake']} faces")
+    batches = make_batches(folders, extra_real, args, gan, device)
+    train_faces = sum(len(pool.faces) for pool in batches.real)
+    steps = args.epochs * max(1, 2 * train_faces // args.batch)  # an epoch: every real training face once, and as many fakes
+    opt, schedule = detector.optimizer(model, args.arch, args.lr, steps)
+    progress = restore(state, model, opt, schedule, batches) if state else None
+    make_folder(out, "run folder")
+    write_atomically(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+    print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
+          f"on {device}, {args.epochs} epochs of {steps // args.epochs} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
+    progress, minutes = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
+    writer = metrics.report_writer(out)
+    path, threshold, report = finish(model, folders, args, out, progress, minutes, device, writer)
+    writer.close()
+    print_report(report, threshold)
+    print(f"wrote {path} and detector.json; score with: python detect.py VIDEO --checkpoint {out}; curves: tensorboard --logdir {out}")
+    return 0 if progress.step >= steps else 130
 
-    items = data.labelled_media(args.data, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS)
-    split, identities = data.split_by_group(items, args.group_by, args.valid, args.test, args.seed)
-    finder, settings = faces.from_flags(args)
-    parts = {name: load_part(part, finder, settings, args, name) for name, part in split.items()}
-    for name in ("train", "valid") + (("test",) if args.test > 0 else ()):
-        if {v[1] for v in parts[name]} != {0, 1}:
-            raise UserError(f"after leaving out unreadable and faceless files, the {name} part lacks real or fake videos; "
-                            "add videos or check the warnings above")
-    # files are kept relative to DIR, so that evaluate.py --part finds them from any working folder
-    report = {"sources": sources, "image_size": args.image_size, "init": args.init, "frames": args.frames, "faces": settings,
-              "group_by": args.group_by, "data": os.path.abspath(args.data),
-              "split": {name: {"identities": identities[name], **describe(parts[name]),
-                               "files": [os.path.relpath(v[0], args.data) for v in parts[name]]} for name in parts}}
-    for name in parts:
-        d = report["split"][name]
-        print(f"{name:>5}: {len(d['identities'])} identities, {d['videos_real']} real + {d['videos_fake']} fake videos, "
-              f"{d['faces_real']} + {d['faces_fake']} faces")
 
-    # what the batches are made of
-    train = parts["train"]
-    real_video = np.concatenate([v[2] for v in train if v[1] == 0])
-    fake_video = np.concatenate([v[2] for v in train if v[1] == 1]) if "labelled" in sources else None
-    extra = real_images(cfg, args.real_images, args.image_size, args.seed) if args.real_images and ("sbi" in sources or "gan" in sources) else None
-    G, D = checkpoint.models_from(ckpt, args.run)
-    generators = []
-    if "gan" in sources:
-        generators = [G.to(device).eval()] + checkpoint.load_snapshots(run_dir, cfg, device, exclude_epoch=ckpt["epoch"])
-    model = checkpoint.build_detector(checkpoint.detector_config(cfg, args.image_size))
-    if args.init == "gan":
-        copied = detector.init_from(model, D)
-        print(f"init: {len(copied)} of {len(model.state_dict())} tensors from the run's discriminator")
-    batches = detector.Batches(real_video, fake_video, extra, generators, sources, batch=args.batch, image_size=args.image_size,
-                               nz=cfg["nz"], device=device, seed=args.seed)
-    print(f"training {args.steps} steps of {args.batch} real + {args.batch} fake faces at {args.image_size}x{args.image_size} "
-          f"on {device}; fakes: {', '.join(sources)}" + (f"; {len(extra)} of the run's images among the reals" if extra is not None else ""))
+def train(model, opt, schedule, batches, folders, args, out, steps, progress, device):
+    """The loop with its progress bar, TensorBoard curves and Ctrl-C: stop after the step in flight, state saved."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(out, "train"))
+    stop = {"asked": False}
 
-    # Ctrl-C stops after the step in flight and keeps the best detector so far
-    interrupted = []
     def on_sigint(signum, frame):
-        if interrupted:
+        if stop["asked"]:
             raise KeyboardInterrupt
-        interrupted.append(True)
-        tqdm.write("stopping after this step and keeping the best detector so far (Ctrl-C again to stop at once)", file=sys.stderr)
+        stop["asked"] = True
+        tqdm.write(f"stopping after this step and saving; continue with --resume {out} (Ctrl-C again to stop at once)", file=sys.stderr)
     previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = tqdm(total=steps, initial=progress.step if progress else 0, desc="detector", unit="step", dynamic_ncols=True)
 
-    writer = metrics.report_writer(os.path.join(run_dir, "detector"))  # one training's curves at a time: a new run replaces them
-    bar = tqdm(total=args.steps, desc="detector", unit="step", dynamic_ncols=True)
-    valid = ([(v[2], v[3]) for v in parts["valid"]], [v[1] for v in parts["valid"]])
-    valid_labels = np.array(valid[1])
-
-    def on_log(step, loss, ips):
+    def on_log(step, loss, faces_per_s):
         bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
-        writer.add_scalar("detector/loss", loss, step)
-        writer.add_scalar("detector/images_per_sec", ips, step)
+        bar.set_postfix(loss=f"{loss:.3f}", faces_s=f"{faces_per_s:.0f}")
+        writer.add_scalar("loss", loss, step)
+        writer.add_scalar("faces_per_sec", faces_per_s, step)
+        writer.add_scalar("lr", schedule.get_last_lr()[0], step)
 
-    def on_eval(step, m, scores):
-        bar.update(step - bar.n)
-        tqdm.write(f"step {step}: validation video AUC {m['auc']:.3f}, AP {m['ap']:.3f}")
-        writer.add_scalar("detector/valid_auc", m["auc"], step)
-        writer.add_scalar("detector/valid_ap", m["ap"], step)
-        writer.add_pr_curve("detector/valid_pr", torch.from_numpy(valid_labels).bool(), torch.from_numpy(np.nan_to_num(scores)), step)
-        writer.add_image("detector/valid_scores", metrics.score_chart(scores, valid_labels), step)  # real and fake on one chart
-        writer.add_image("detector/valid_roc", metrics.roc_chart(scores, valid_labels), step)
+    def on_eval(step, auc, aucs):
+        tqdm.write(f"step {step}: validation AUC {auc:.3f} (" + ", ".join(f"{os.path.basename(os.path.normpath(k))} {v:.3f}" for k, v in aucs.items()) + ")")
+        writer.add_scalar("valid_auc/mean", auc, step)
+        for k, v in aucs.items():
+            writer.add_scalar(f"valid_auc/{os.path.basename(os.path.normpath(k))}", v, step)
 
     t0 = time.time()
     try:
-        model, best_auc, best_step, last_step = detector.train_detector(
-            model, batches, valid, steps=args.steps, lr=args.lr, device=device, eval_every=args.eval_every,
-            on_eval=on_eval, on_log=on_log, should_stop=lambda: bool(interrupted))
+        progress = detector.fit(model, opt, schedule, batches, steps=steps, progress=progress, validate=make_validate(folders, device),
+                                eval_every=args.eval_every or max(1, steps // 8), on_log=on_log, on_eval=on_eval, should_stop=lambda: stop["asked"],
+                                save=state_saver(out, args, model, opt, schedule, batches), save_every=args.save_every)
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
-    minutes = (time.time() - t0) / 60
-
-    valid_scores = detector.video_scores(model, valid[0], device)
-    threshold = metrics.pick_threshold(valid_scores, valid_labels)
-    report["valid"] = video_report(parts["valid"], valid_scores, threshold, args.data)
-    report["training"] = {"steps": last_step, "best_step": best_step, "batch": args.batch, "lr": args.lr, "minutes": round(minutes, 1),
-                          "device": str(device), "interrupted": bool(interrupted)}
-    if parts["test"]:
-        test_scores = detector.video_scores(model, [(v[2], v[3]) for v in parts["test"]], device)
-        report["test"] = video_report(parts["test"], test_scores, threshold, args.data)
-        writer.add_scalar("detector/test_auc", report["test"]["auc"], best_step)
-        writer.add_image("detector/test_scores", metrics.score_chart(test_scores, [v[1] for v in parts["test"]], threshold), best_step)
-    writer.close()
-    checkpoint.save_detector(out, model.cpu(), threshold, cfg, checkpoint.detector_config(cfg, args.image_size), method="trained", **report)
-    write_atomically(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))
-
-    print(f"best validation video AUC {best_auc:.3f} at step {best_step} of {last_step} ({minutes:.1f} min); "
-          f"threshold on P(fake) {threshold:.4g}, picked on {len(valid[0])} validation videos")
-    print(metrics.video_table({k: report[k] for k in ("valid", "test") if k in report}))
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.json; TensorBoard: tensorboard --logdir {run_dir}")
-    return 130 if interrupted else 0
+        writer.close()
+    return progress, (time.time() - t0) / 60
 
 
 if __name__ == "__main__":
