@@ -11,7 +11,6 @@ used. It is built in a temporary folder and renamed into place in one step, so a
 interrupted build leaves no cache behind, only a temporary folder the next build removes.
 """
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from cli import UserError, make_folder
+from cli import UserError, make_folder, write_atomically, write_text
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -169,9 +168,8 @@ def build_cache(files, image_size, folder, workers=None):
             os.replace(path + ".kept", path)
             print(f"warning: {len(bad)} of {len(files):,} images could not be decoded and are left out of the cache",
                   file=sys.stderr)
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump({"format": FORMAT, "image_size": image_size, "crop": CROP, "files": [files[i] for i in kept],
-                       "dropped": [files[i] for i in bad]}, f)
+        write_text(os.path.join(tmp, "index.json"), json.dumps({"format": FORMAT, "image_size": image_size, "crop": CROP,
+                                                               "files": [files[i] for i in kept], "dropped": [files[i] for i in bad]}))
         with open(path, "rb+") as f:
             os.fsync(f.fileno())  # the rename below must never publish pixels that are still only in memory
         try:
@@ -272,14 +270,6 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     kept = [(r["position"], f["crop"]) for r in records for f in r["faces"]]
     faces = np.stack([crops[c] for _, c in kept]) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
     positions = np.array([p for p, _ in kept], dtype=np.int64)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, faces=faces, frames=positions)
-        os.replace(tmp, target)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UserError(f"cannot write the face cache in {folder} ({e.strerror or e}); free space there or pass another --cache-dir") from None
+    make_folder(folder, "face cache folder")
+    write_atomically(target, lambda f: np.savez(f, faces=faces, frames=positions))
     return faces, positions

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 import av
 from checkpoint import load_detector
-from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli
+from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli, write_atomically,
+                 write_text)
 from data import IMAGE_EXTENSIONS, list_images
 from detector import NO_FACE, score_input
 import faces
 from faces import face_crops
 from PIL import Image
-from video import VIDEO_EXTENSIONS, input_frames, media_kind, read_image, upright
+from video import VIDEO_EXTENSIONS, all_frames, input_frames, media_kind, read_image
 
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
@@ -119,26 +120,37 @@ def summary_row(result, detector_kind):
 
 
 def write_reports(results, out_dir, detector_kind, stems, thumbnails):
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        w.writeheader()
-        w.writerows(summary_row(r, detector_kind) for r in results)
-    with open(os.path.join(out_dir, "frames.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("filename", "frame", "time", "face", "x", "y", "w", "h", "score", "track", "counted"))
-        for r in results:
-            for fr in r.get("frames", []):
-                if not fr["faces"]:  # a row for the frame all the same, so no-face frames are counted
-                    w.writerow((r["file"], fr["index"], fr["time"], "", "", "", "", "", "", "", ""))
-                for k, face in enumerate(fr["faces"]):
-                    w.writerow((r["file"], fr["index"], fr["time"], k, *face["box"], face["score"], face.get("track", ""), 1))
-                for face in fr.get("others", []):  # scored, but not on a main track
-                    w.writerow((r["file"], fr["index"], fr["time"], "", *face["box"], face["score"], face["track"], 0))
+    summary = csv_text(SUMMARY_FIELDS, [summary_row(r, detector_kind) for r in results])
+    write_text(os.path.join(out_dir, "summary.csv"), summary)
+    write_text(os.path.join(out_dir, "frames.csv"), csv_text(None, frame_rows(results)))
     for r in results:
-        with open(os.path.join(out_dir, stems[r["file"]] + ".json"), "w") as f:
-            json.dump({**r, "detector": detector_kind}, f, indent=1)
-    with open(os.path.join(out_dir, "report.html"), "w", encoding="utf-8") as f:
-        f.write(html_report(results, detector_kind, thumbnails))
+        write_text(os.path.join(out_dir, stems[r["file"]] + ".json"), json.dumps({**r, "detector": detector_kind}, indent=1))
+    write_text(os.path.join(out_dir, "report.html"), html_report(results, detector_kind, thumbnails))
+
+
+def csv_text(fields, rows):
+    """CSV as text: rows of dicts under a header of fields, or, without fields, plain rows whose first is the header."""
+    buffer = io.StringIO(newline="")
+    if fields:
+        w = csv.DictWriter(buffer, fieldnames=fields)
+        w.writeheader()
+    else:
+        w = csv.writer(buffer)
+    w.writerows(rows)
+    return buffer.getvalue()
+
+
+def frame_rows(results):
+    """frames.csv: a row per face found, counted (on a main track) or not, and a row for each frame without a face."""
+    yield ("filename", "frame", "time", "face", "x", "y", "w", "h", "score", "track", "counted")
+    for r in results:
+        for fr in r.get("frames", []):
+            if not fr["faces"]:  # a row for the frame all the same, so no-face frames are counted
+                yield (r["file"], fr["index"], fr["time"], "", "", "", "", "", "", "", "")
+            for k, face in enumerate(fr["faces"]):
+                yield (r["file"], fr["index"], fr["time"], k, *face["box"], face["score"], face.get("track", ""), 1)
+            for face in fr.get("others", []):  # scored, but not on a main track
+                yield (r["file"], fr["index"], fr["time"], "", *face["box"], face["score"], face["track"], 0)
 
 
 # -----------------------------------------------------------------------------
@@ -257,15 +269,17 @@ def annotate(result, dst):
     threshold = result["threshold"]
     if result["kind"] == "image":
         frame = draw_faces(read_image(result["file"]), by_index.get(0, []), threshold)
-        Image.fromarray(frame).save(dst, format="PNG")
-        return
-    with av.open(result["file"]) as src, av.open(dst, "w", format="mp4") as out:
-        stream = src.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or 25
+        write_atomically(dst, lambda f: Image.fromarray(frame).save(f, format="PNG"))
+    else:
+        write_atomically(dst, lambda f: boxed_video(result["file"], f, by_index, threshold))
+
+
+def boxed_video(path, f, by_index, threshold):
+    """The video at path, every frame, into the file f as H.264, with the boxes of {frame index: faces} drawn in."""
+    rate, frames = all_frames(path)  # upright: the boxes were found on the turned frames
+    with av.open(f, "w", format="mp4") as out:
         enc, faces = None, []
-        for i, frame in enumerate(src.decode(stream)):
-            image = upright(frame)  # the boxes were found on the turned frame
+        for i, _, image in frames:
             if enc is None:
                 enc = out.add_stream("libx264", rate=rate)
                 enc.width, enc.height = image.shape[1] // 2 * 2, image.shape[0] // 2 * 2  # yuv420p wants even sides
@@ -385,7 +399,7 @@ def main(argv=None):
             dst = annotated_path(args.out, stems[path], ".mp4" if kind == "video" else ".png", input_paths)
             try:
                 annotate(result, dst)
-            except (OSError, av.FFmpegError) as e:  # the scores stand; only the viewing copy is lost
+            except (OSError, av.FFmpegError, UserError) as e:  # the scores stand; only the viewing copy is lost
                 failed_annotations += 1
                 tqdm.write(f"error: {path}: the annotated copy {dst} could not be written ({getattr(e, 'strerror', None) or e})",
                            file=sys.stderr)
