@@ -405,9 +405,10 @@ def split_by_group(items, pattern=DEFAULT_GROUP, valid=0.2, test=0.2, seed=0):
     return parts, names
 
 
-def report_skipped(dataset, indices, counter):
-    """Warn, by name, about images that could not be decoded; counter accumulates over the run."""
+def report_skipped(dataset, indices, skipped):
+    """Warn, by name, about images that could not be decoded; skipped counts those of the run so far -> the new count."""
     for i in indices:
-        counter[0] += 1
+        skipped += 1
         name = dataset.files[i] if hasattr(dataset, "files") else f"image {i}"
-        tqdm.write(f"warning: skipped {name}: it cannot be decoded as an image ({counter[0]} skipped so far)", file=sys.stderr)
+        tqdm.write(f"warning: skipped {name}: it cannot be decoded as an image ({skipped} skipped so far)", file=sys.stderr)
+    return skipped

@@ -20,6 +20,7 @@ run twice: on clean images and after JPEG re-compression at quality 50 (both cla
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +34,9 @@ import data
 import detector
 import faces
 import metrics
-from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_atomically
+import reports
+from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
+from main import Config
 from video import VIDEO_EXTENSIONS, media_kind
 
 
@@ -91,15 +94,15 @@ def evaluate_videos(args):
             tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
             crops, positions = np.zeros((0,)), np.zeros((0,))
         scores.append(detector.video_scores(model, [(crops, positions)], device)[0])
-    report = metrics.video_evaluation(items, scores, threshold, args.videos)
+    report = reports.video_evaluation(items, scores, threshold, args.videos)
     report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(args.videos))
     print(f"{kind} of {args.run} on {len(items)} videos under {args.videos}" + (f" ({args.part} part)" if args.part else ""))
-    print(metrics.video_evaluation_table(report))
+    print(reports.video_evaluation_table(report))
     # beside the detector, named after it and the folder: detector-videos-deepfakes-test.json
     det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
     name = f"{det_name}-videos-{os.path.basename(os.path.normpath(args.videos))}" + (f"-{args.part}" if args.part else "") + ".json"
     out = os.path.join(checkpoint.run_dir_of(args.run), name)
-    write_atomically(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    write_text(out, json.dumps(report, indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -111,10 +114,8 @@ def main(argv=None):
     ckpt = checkpoint.load(args.run)
     path = checkpoint.resolve(args.run)
     run_dir = os.path.dirname(os.path.abspath(path))
-    cfg = dict(ckpt["config"])
-    for key in ("dataset", "data_root", "workers"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+    overrides = {key: getattr(args, key) for key in ("dataset", "data_root", "workers") if getattr(args, key) is not None}
+    cfg = dataclasses.replace(Config.from_dict(ckpt["config"]), **overrides)
     device = pick_device(args.device)
     G, D = checkpoint.models_from(ckpt, path, device)
     out_dir = os.path.abspath(args.out) if args.out else run_dir
@@ -122,9 +123,9 @@ def main(argv=None):
         raise UserError(f"--out {args.out} is a file; give a folder (it is created when missing)")
     # the run's own events file already holds the training curves (and main.py's report): the report gets a folder of its own
     tb_dir = os.path.join(run_dir, "eval") if out_dir == run_dir else out_dir
-    writer = metrics.report_writer(tb_dir)
+    writer = reports.report_writer(tb_dir)
     try:
-        metrics.evaluate_run(cfg, G, D, run_dir, step=ckpt.get("step", 0), epoch=ckpt.get("epoch"), detector_steps=args.detector_steps,
+        reports.evaluate_run(cfg, G, D, run_dir, step=ckpt.get("step", 0), epoch=ckpt.get("epoch"), detector_steps=args.detector_steps,
                      eval_images=args.eval_images, inception_weights=args.inception_weights,
                      detector_data=args.detector_data, device=device, writer=writer, out_dir=out_dir)
     finally:

@@ -39,6 +39,7 @@ import data
 import detector
 import faces
 import metrics
+import reports
 from cli import (ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, probability, regex, run_cli,
                  write_atomically)
 from models import IMAGE_SIZES
@@ -196,7 +197,7 @@ def main(argv=None):
         tqdm.write("stopping after this step and keeping the best detector so far (Ctrl-C again to stop at once)", file=sys.stderr)
     previous = signal.signal(signal.SIGINT, on_sigint)
 
-    writer = metrics.report_writer(os.path.join(run_dir, "detector"))  # one training's curves at a time: a new run replaces them
+    writer = reports.report_writer(os.path.join(run_dir, "detector"))  # one training's curves at a time: a new run replaces them
     bar = tqdm(total=args.steps, desc="detector", unit="step", dynamic_ncols=True)
     valid = ([(v[2], v[3]) for v in parts["valid"]], [v[1] for v in parts["valid"]])
     valid_labels = np.array(valid[1])
@@ -213,8 +214,8 @@ def main(argv=None):
         writer.add_scalar("detector/valid_auc", m["auc"], step)
         writer.add_scalar("detector/valid_ap", m["ap"], step)
         writer.add_pr_curve("detector/valid_pr", torch.from_numpy(valid_labels).bool(), torch.from_numpy(np.nan_to_num(scores)), step)
-        writer.add_image("detector/valid_scores", metrics.score_chart(scores, valid_labels), step)  # real and fake on one chart
-        writer.add_image("detector/valid_roc", metrics.roc_chart(scores, valid_labels), step)
+        writer.add_image("detector/valid_scores", reports.score_chart(scores, valid_labels), step)  # real and fake on one chart
+        writer.add_image("detector/valid_roc", reports.roc_chart(scores, valid_labels), step)
 
     t0 = time.time()
     try:
@@ -235,14 +236,14 @@ def main(argv=None):
         test_scores = detector.video_scores(model, [(v[2], v[3]) for v in parts["test"]], device)
         report["test"] = video_report(parts["test"], test_scores, threshold, args.data)
         writer.add_scalar("detector/test_auc", report["test"]["auc"], best_step)
-        writer.add_image("detector/test_scores", metrics.score_chart(test_scores, [v[1] for v in parts["test"]], threshold), best_step)
+        writer.add_image("detector/test_scores", reports.score_chart(test_scores, [v[1] for v in parts["test"]], threshold), best_step)
     writer.close()
     checkpoint.save_detector(out, model.cpu(), threshold, cfg, checkpoint.detector_config(cfg, args.image_size), method="trained", **report)
     write_atomically(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))
 
     print(f"best validation video AUC {best_auc:.3f} at step {best_step} of {last_step} ({minutes:.1f} min); "
           f"threshold on P(fake) {threshold:.4g}, picked on {len(valid[0])} validation videos")
-    print(metrics.video_table({k: report[k] for k in ("valid", "test") if k in report}))
+    print(reports.video_table({k: report[k] for k in ("valid", "test") if k in report}))
     print(f"wrote {out} and {os.path.splitext(out)[0]}.json; TensorBoard: tensorboard --logdir {run_dir}")
     return 130 if interrupted else 0
 

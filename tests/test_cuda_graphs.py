@@ -146,7 +146,7 @@ def test_a_run_saved_with_cuda_graphs_resumes_here_with_no_cuda_graphs(tiny_run_
     cfg, ckpt = main.make_config(["--resume", str(tiny_run_copy), "--epochs", "2", "--max-steps", "5", "--no-cuda-graphs"])
     run = main.setup(cfg, ckpt)
     run.writer.close()
-    assert all(g["capturable"] is False and g["fused"] is None for g in run.opt_G.param_groups + run.opt_D.param_groups)
+    assert all(g["capturable"] is False and g["fused"] is None for g in run.nets.opt_G.param_groups + run.nets.opt_D.param_groups)
     assert main.train(cfg, ckpt)["step"] == 5
 
 

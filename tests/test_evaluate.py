@@ -12,6 +12,7 @@ import detector
 import evaluate
 import main
 import metrics
+import reports
 from cli import run_cli
 
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "64", "--batch", "16", "--ngf", "8", "--ndf", "8",
@@ -27,7 +28,7 @@ SMALL_BATCH = 16
 def trained_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics, "DETECTOR_BATCH", SMALL_BATCH)
+        patch.setattr(reports, "DETECTOR_BATCH", SMALL_BATCH)
         assert main.main(TINY + ["--epochs", "2", "--detector-steps", "5", "--logdir", str(logdir), "--run-name", "r"]) == 0
     return os.path.join(logdir, "r")
 
@@ -113,9 +114,9 @@ def test_evaluate_out_that_is_a_file_is_one_line(trained_run, tmp_path, capsys):
 
 
 def test_thresholds_are_printed_with_the_digits_they_need():
-    assert metrics.format_threshold(0.99995) == "0.999950"
-    assert metrics.format_threshold(0.00012) == "0.00012"
-    assert metrics.format_threshold(0.5713) == "0.571"
+    assert reports.format_threshold(0.99995) == "0.999950"
+    assert reports.format_threshold(0.00012) == "0.00012"
+    assert reports.format_threshold(0.5713) == "0.571"
 
 
 def test_detector_data_adds_labelled_faces(trained_run, tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_detector_data_adds_labelled_faces(trained_run, tmp_path, monkeypatch):
         return real_fine_tune(*args, extra_batches=watched(), **kwargs)
 
     monkeypatch.setattr(detector, "fine_tune", fine_tune)
-    monkeypatch.setattr(metrics, "DETECTOR_BATCH", SMALL_BATCH)
+    monkeypatch.setattr(reports, "DETECTOR_BATCH", SMALL_BATCH)
     assert evaluate.main([os.path.join(trained_run, "checkpoint.pt"), "--detector-steps", "2", "--detector-data", str(tmp_path)]) == 0
     assert len(pulled) >= 2  # one batch a step at least
     assert {label for batch in pulled for label in batch} == {0, 1}  # fake and real faces (1 = real)
