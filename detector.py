@@ -251,12 +251,6 @@ def sample(G, n, nz, device, generator=None):
     return draw_samples(G, torch.randn(n, nz, generator=generator).to(device)).float()
 
 
-def fakes(G, n, nz, device, seed):
-    """n samples of G from noise seed `seed`, rounded to 8 bits, on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([quantize(sample(G, min(256, n - i), nz, device, g)) for i in range(0, n, 256)])
-
-
 
 def fine_tune(D, generators, real_batches, *, steps, nz, device, lr=1e-4, extra_batches=None, log=None, log_every=50):
     """A copy of D trained to tell real from fake; D and the generators are left untouched.
