@@ -6,6 +6,8 @@ Fixtures live in conftest.py; no test module imports another.
 import os
 import random
 import select
+import subprocess
+import sys
 import time
 
 import av
@@ -40,6 +42,24 @@ def make_images(folder, n, seed=0, broken=()):
         with open(os.path.join(folder, name), "wb") as f:
             f.write(b"not an image at all")
     return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_program(script, *args):
+    """One of the programs in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_clear_line(result, *phrases):
+    """A user's mistake: exit status 2 and one line on stderr that starts with "error: " and holds every phrase."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
 
 
 def train_args(logdir, *extra):

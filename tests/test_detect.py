@@ -24,7 +24,7 @@ import detector
 import faces
 import main
 from checkpoint import load_detector
-from cli import UserError
+from cli import UserError, run_cli
 from detector import fake_scores
 from helpers import FACE_SEED, H, W, blank_frame, decode_all, two_faces, write_video
 from models import build_models
@@ -347,3 +347,9 @@ def test_an_annotation_that_cannot_be_written_loses_no_report(tmp_path, checkpoi
     assert row["verdict"] in ("real", "fake") and (out / "report.html").exists() and (out / "face.json").exists()
 
 
+def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    assert run_cli(detect.main, [str(tmp_path / "face.png"), "--faces", "none", "--extract", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create the --extract folder" in err[0]
