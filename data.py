@@ -61,7 +61,7 @@ def normalize_uint8(images):
     so the result equals preprocess's bit for bit. It runs on the contiguous HWC storage; the
     final permute to NCHW is a view whose memory is already channels-last. A numpy array is
     converted by numpy, in one thread: on a CPU that trains, torch's OpenMP threads would
-    wait on cores the training step is using (7x slower when the machine is busy).
+    wait on cores the training step is using (docs/speed.md, "A note on shared CPUs").
     """
     if isinstance(images, np.ndarray):
         x = images.astype(np.float32)

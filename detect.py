@@ -109,7 +109,8 @@ def summary_row(result, detector_kind):
     """DFDC's filename,label with label = P(fake) (empty when no face gave a score), then ours.
 
     Numbers are written whole (Python writes the shortest text that reads back as the same
-    float): rounded to 6 decimals, 25 of 58 videos read 0.000000 and any AUC from the file changed.
+    float): rounded, the tiny scores of a confident detector all read 0, and an AUC computed
+    from the file would differ from ours (docs/detect.md).
     """
     if "error" in result:
         return {"filename": result["file"], "verdict": "error", "error": result["error"], "detector": detector_kind}
@@ -172,7 +173,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
     """An inline SVG of the per-frame score (0 at the bottom, 1 at the top) over time, the threshold dashed.
 
     Written out rather than drawn with matplotlib: a polyline and a few marks are a dozen
-    lines, and matplotlib would add a second to detect.py's start and ~30 kB per plot.
+    lines, and matplotlib would slow detect.py's start and make the page much larger (docs/detect.md).
     """
     x = lambda t: 4 + (width - 8) * (t / duration if duration > 0 else 0.5)
     y = lambda s: 4 + (height - 8) * (1 - s)
@@ -193,7 +194,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
 
 def data_uri(pixels):
     buffer = io.BytesIO()
-    # JPEG at 90: 2.8 kB a 64-px crop against 9.6 kB as PNG (67 videos: a 2.6 MB page), and no visible difference at 40 px
+    # JPEG at 90: a fraction of PNG's size, so a page of many videos stays small, and no visible difference at 40 px
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 

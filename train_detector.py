@@ -74,7 +74,7 @@ def get_args_parser():
     g.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=128,
                    help="the detector's input side; faces in videos are hundreds of pixels wide and swap traces are fine")
     g.add_argument("--init", choices=("gan", "random"), default="gan", help="gan: start from the run's discriminator (the layers that fit)")
-    g.add_argument("--steps", type=at_least(1), default=300, help="training steps (300 at 128 px: about half an hour on 2 CPU cores)")
+    g.add_argument("--steps", type=at_least(1), default=300, help="training steps (docs/detector.md says how long they took)")
     g.add_argument("--batch", type=at_least(2), default=32, help="real faces per step, plus as many fakes")
     g.add_argument("--lr", type=at_least(1e-12, float), default=2e-4, help="Adam learning rate")
     g.add_argument("--eval-every", type=at_least(1), default=50, help="score the validation videos every N steps (and keep the best)")
