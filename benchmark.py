@@ -489,6 +489,19 @@ def bench_video(args):
 
 # -----------------------------------------------------------------------------
 
+def add_shape_flags(parser, ndf_help):
+    parser.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
+    parser.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
+    parser.add_argument("--ndf", type=at_least(1), default=64, help=ndf_help)
+
+
+def add_round_flags(parser, steps_help, rounds_help, warmup_help):
+    """The baseline and ours take turns in rounds, so that a shared machine's load falls on both alike."""
+    parser.add_argument("--steps", type=at_least(1), default=5, help=steps_help)
+    parser.add_argument("--rounds", type=at_least(1), default=2, help=rounds_help)
+    parser.add_argument("--warmup", type=at_least(1), default=1, help=warmup_help)
+
+
 def get_args_parser():
     p = ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -496,13 +509,9 @@ def get_args_parser():
     t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--data", required=True, help="a folder of JPEGs, searched recursively (e.g. CelebA's img_align_celeba)")
-    t.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
     t.add_argument("--batch", type=at_least(2), default=128, help="images per step, both pipelines")
-    t.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
-    t.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width")
-    t.add_argument("--steps", type=at_least(1), default=5, help="timed training steps per pipeline per round")
-    t.add_argument("--rounds", type=at_least(1), default=2, help="rounds of tutorial-then-ours")
-    t.add_argument("--warmup", type=at_least(1), default=1, help="untimed steps before each timed run")
+    add_shape_flags(t, "discriminator width")
+    add_round_flags(t, "timed training steps per pipeline per round", "rounds of tutorial-then-ours", "untimed steps before each timed run")
     t.add_argument("--input-batches", type=at_least(1), default=40, help="batches timed for the input pipeline alone")
     t.add_argument("--workers", type=at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
     t.add_argument("--precision", choices=PRECISIONS, default="auto", help="ours; the tutorial is fp32")
@@ -517,14 +526,10 @@ def get_args_parser():
 
     d = sub.add_parser("detector", help="detector training with the per-image PIL augmentations vs the batched tensor ones",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
     d.add_argument("--batch", type=at_least(1), default=64, help="real images a step, plus as many fakes (evaluate.py fine-tunes with 64)")
-    d.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
-    d.add_argument("--ndf", type=at_least(1), default=64, help="detector (discriminator) width")
+    add_shape_flags(d, "detector (discriminator) width")
     d.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the real batches are taken from")
-    d.add_argument("--steps", type=at_least(1), default=5, help="timed batches per path per round")
-    d.add_argument("--rounds", type=at_least(1), default=2, help="rounds of before-then-after")
-    d.add_argument("--warmup", type=at_least(1), default=1, help="untimed batches before each timed run")
+    add_round_flags(d, "timed batches per path per round", "rounds of before-then-after", "untimed batches before each timed run")
     d.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
                    help="torch CPU threads (on a busy machine 1 can be faster: each OpenMP hand-off waits for a core)")
     add_device_flag(d)
