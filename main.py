@@ -248,7 +248,7 @@ class Networks:
     scaler: torch.amp.GradScaler | None  # fp16 only
     fixed_noise: torch.Tensor      # the z of every sample grid, kept in the checkpoint
     memory_format: torch.memory_format
-    step: Callable | None = None   # real batch -> detached statistics: models.train_step, or its CUDA graph
+    step_fn: Callable | None = None  # real batch -> detached statistics: models.train_step, or its CUDA graph
 
 
 @dataclasses.dataclass
@@ -263,6 +263,7 @@ class Progress:
 
 @dataclasses.dataclass
 class Run:
+    """Everything set-up makes, by kind; train() hands each helper the run or the parts it needs."""
     place: Place
     data: TrainingData
     nets: Networks
@@ -399,7 +400,7 @@ def build_networks(cfg, place, ckpt=None):
     if place.rank > 0:  # every rank draws its own noise; the checkpoint keeps rank 0's generator, the others restart from here
         torch.manual_seed(cfg.seed * 100_003 + place.rank * 1_000_003 + progress.step)
     nets.fixed_noise = nets.fixed_noise.to(device)
-    nets.step = make_step(cfg, place, nets)
+    nets.step_fn = make_step(cfg, place, nets)
     return nets, progress
 
 
@@ -510,7 +511,7 @@ def train_one_epoch(cfg, run, clock, ctrl_c, last):
         if bad:
             progress.skipped = data.report_skipped(run.data.dataset, bad, progress.skipped)
         if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
-            last = nets.step(real.contiguous(memory_format=nets.memory_format))
+            last = nets.step_fn(real.contiguous(memory_format=nets.memory_format))
             clock.images += len(real) * place.world
         progress.step += 1
         progress.done_in_epoch += 1
