@@ -41,7 +41,7 @@ import metrics
 import models
 import reports
 from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, explicit_flags, make_folder, one_of, pick_device,
-                 pick_precision, run_cli, use_fast_cuda_kernels, write_atomically)
+                 pick_precision, run_cli, use_fast_cuda_kernels, write_atomically, write_text)
 from checkpoint import SHAPE_KEYS
 from models import IMAGE_SIZES, CudaGraphStep, build_models, draw_samples
 
@@ -187,15 +187,16 @@ def open_run_dir(cfg, resumed):
     """Make the run folder, save config.json in it and open its TensorBoard log."""
     make_folder(cfg.run_dir, "run folder")
     make_folder(os.path.join(cfg.run_dir, "samples"), "sample folder")
-    write_atomically(os.path.join(cfg.run_dir, "config.json"), lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+    saved = cfg.to_dict()
+    write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=2))
     writer = SummaryWriter(cfg.run_dir)
     if not resumed:  # a resumed run adds events to the same folder, where these already are
-        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+        writer.add_text("config", "```\n" + json.dumps(saved, indent=2) + "\n```")
         if cfg.dataset == "synthetic":
             writer.add_text("data", "drawn cartoon faces (--dataset synthetic): a demo set, not CelebA")
         # SummaryWriter.add_hparams would open a second events file in a subfolder, and TensorBoard would list the
         # run twice; the same three summaries go into the run's own file through its public file writer.
-        for summary in hparams({k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))},
+        for summary in hparams({k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool))},
                                {"loss/D": 0, "loss/G": 0}):
             writer.file_writer.add_summary(summary)
         # the DCGAN tutorial's two plots: both D outputs in one chart, both losses in another (tags are regexes)
