@@ -215,8 +215,8 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
                          with_frame_augment(torch.cat([images["valid_real"], images["valid_fake"]]), cfg.seed)])
     valid_y = np.r_[np.zeros(len(images["valid_real"])), np.ones(len(images["valid_fake"]))]
     valid_y = np.r_[valid_y, valid_y]
-    det, threshold = the_detector(cfg, G, D, snapshots, images["train_set"], valid_x, valid_y, run_dir, out_dir,
-                                  steps=detector_steps, step=step, device=device, detector_data=detector_data, log=log)
+    det, threshold = report_detector(cfg, G, D, snapshots, images["train_set"], valid_x, valid_y, run_dir, out_dir,
+                                     steps=detector_steps, step=step, device=device, detector_data=detector_data, log=log)
 
     parts.start("spectrum baseline")
     spectrum, spec_threshold, report["protocol"]["spectrum_baseline"] = spectrum_baseline(
@@ -227,7 +227,7 @@ def evaluate_run(cfg, G, D, run_dir, *, step, epoch, detector_steps, eval_images
         scorers["fine_tuned"] = (lambda x: detector.score_images(det, x, device), threshold)
 
     parts.start("test scores")
-    report["detection"] = test_detection(scorers, images["test_real"], images["test_fake"], writer, step)
+    report["detection"] = detection_on_test_split(scorers, images["test_real"], images["test_fake"], writer, step)
 
     parts.start("SWD and FID")
     report["generator"] = generator_quality(images["test_real"], images["test_fake"], cfg.image_size, inception_weights, log)
@@ -264,7 +264,7 @@ def protocol(cfg, images, snapshots, step, epoch):
     }
 
 
-def the_detector(cfg, G, D, snapshots, train_set, valid_x, valid_y, run_dir, out_dir, *, steps, step, device, detector_data, log):
+def report_detector(cfg, G, D, snapshots, train_set, valid_x, valid_y, run_dir, out_dir, *, steps, step, device, detector_data, log):
     """The fine-tuned detector and its threshold: trained now (steps > 0), or the one already in out_dir or run_dir,
     or (None, None) when there is neither."""
     det_path = os.path.join(out_dir, "detector.pt")
@@ -298,7 +298,7 @@ def spectrum_baseline(cfg, generators, train_set, valid_x, valid_y, device):
     return spectrum, threshold, f"logistic regression on {len(spec_real)} + {len(spec_fake)} augmented train-split images"
 
 
-def test_detection(scorers, test_real, test_fake, writer, step):
+def detection_on_test_split(scorers, test_real, test_fake, writer, step):
     """{condition: {scorer: detection_metrics}} on the test split, clean and re-compressed at JPEG 50."""
     labels = np.r_[np.zeros(len(test_real)), np.ones(len(test_fake))]
     out = {}
