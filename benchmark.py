@@ -15,7 +15,7 @@ vary from run to run; the ratio is what to read.
 
 `detector` times the detector's training step (fine_tune's: a batch of real faces and G's
 fakes, augmented, forward, backward, Adam) with the per-image PIL augmentations it had
-before and with detector.frame_augment's batched tensor ops on the device, alternating.
+before and with blends.frame_augment's batched tensor ops on the device, alternating.
 
 `video` times detect.py's decoding of the sampled frames against seeking to each frame and
 against decoding every frame, then the whole pipeline (decode, find faces, score) on 32
@@ -49,6 +49,7 @@ from checkpoint import load_detector
 from cli import (PRECISIONS, ArgumentParser, UserError, add_device_flag, at_least, one_of, pick_device, pick_precision, run_cli,
                  use_fast_cuda_kernels)
 import detector
+from blends import frame_augment
 import faces
 from models import IMAGE_SIZES, CudaGraphStep, Discriminator, build_models, train_step
 from video import open_video, sample_indices
@@ -92,6 +93,7 @@ def endless(make_epoch):
 
 
 def bench_train(args):
+    """The tutorial's pipeline and ours on the same JPEGs: the cache build, the input pipeline alone, whole training steps."""
     device = pick_device(args.device)
     precision, amp_dtype = pick_precision(args.precision, device)
     use_fast_cuda_kernels(device)  # as training does, for both pipelines
@@ -111,10 +113,9 @@ def bench_train(args):
         cached = cache.open_cache(os.path.join(scratch, "bench"))
         store = cache.to_device(cached.images, device)
         n = len(cached)
-        steps_per_epoch = n // args.batch
 
         def ours_epoch(epoch):
-            return cache.batches(store, data.epoch_order(n, args.seed, epoch), 0, steps_per_epoch, args.batch, 0, 1, device)
+            return cache.batches(store, data.epoch_order(n, args.seed, epoch), 0, n // args.batch, args.batch, 0, 1, device)
 
         os.mkdir(os.path.join(scratch, "imagefolder"))
         loader = tutorial_loader(args.data, args.image_size, args.batch, args.workers, args.seed, os.path.join(scratch, "imagefolder"))
@@ -123,81 +124,93 @@ def bench_train(args):
             return ((real.to(device), []) for real, _ in loader)
 
         # --- the input pipeline alone: batches on the device, nothing else
-        def time_input(batches, count):
-            next(batches)  # the first batch pays for starting workers: not counted
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(count):
-                real, _ = next(batches)
-            sync(device)
-            return count * args.batch / (time.perf_counter() - t)
-
-        input_tutorial = time_input(endless(tutorial_epoch), args.input_batches)
-        input_ours = time_input(endless(ours_epoch), max(args.input_batches, 200))
+        input_tutorial = time_input(endless(tutorial_epoch), args.input_batches, args.batch, device)
+        input_ours = time_input(endless(ours_epoch), max(args.input_batches, 200), args.batch, device)
         print(f"input pipeline: tutorial {input_tutorial:,.0f} images/s, ours {input_ours:,.0f} images/s", flush=True)
+        train_rate = time_training(args, cfg, device, precision, amp_dtype, endless(tutorial_epoch), endless(ours_epoch))
 
-        # --- whole training steps, tutorial and ours taking turns
-        torch.manual_seed(args.seed)
-        G_t, D_t = (m.to(device) for m in build_models(cfg))
-        opt_t = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G_t, D_t)]
-        torch.manual_seed(args.seed)
-        G_o, D_o = (m.to(device, memory_format=torch.channels_last) for m in build_models(cfg))
-        fused = device.type == "cuda" or None
-        opt_o = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused) for m in (G_o, D_o)]
-        if args.compile:
-            G_o, D_o = torch.compile(G_o), torch.compile(D_o)
-        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        runs = {
-            "tutorial": (endless(tutorial_epoch), lambda real: train_step(G_t, D_t, *opt_t, real, cfg["nz"])),
-            "ours": (endless(ours_epoch), lambda real: train_step(G_o, D_o, *opt_o, real, cfg["nz"], autocast, scaler)),
-        }
-        seconds = {name: 0.0 for name in runs}
-        for r in range(args.rounds):
-            for name, (batches, step) in runs.items():
-                for _ in range(args.warmup):  # new workers, compilation, cudnn's search: not counted
-                    step(next(batches)[0])
-                sync(device)
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    step(next(batches)[0])
-                sync(device)
-                seconds[name] += time.perf_counter() - t
-            print(f"  after round {r + 1}: " + ", ".join(f"{k} {args.steps * args.batch * (r + 1) / v:,.0f} images/s" for k, v in seconds.items()),
-                  flush=True)
-        train_rate = {name: args.rounds * args.steps * args.batch / s for name, s in seconds.items()}
-
-    # --- arithmetic per step, counted once on a throwaway copy (the same for both pipelines)
-    G, D = (m.to(device) for m in build_models(cfg))
-    opts = [torch.optim.Adam(m.parameters()) for m in (G, D)]
-    with FlopCounterMode(display=False) as counter:
-        train_step(G, D, *opts, torch.randn(args.batch, 3, args.image_size, args.image_size, device=device), cfg["nz"])
-    flops_per_image = counter.get_total_flops() / args.batch
-
+    flops = flops_per_image(cfg, args.batch, device)
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    rows = [
-        ("input pipeline, images/s", input_tutorial, input_ours),
-        ("training, images/s", train_rate["tutorial"], train_rate["ours"]),
-        ("achieved GFLOP/s", train_rate["tutorial"] * flops_per_image / 1e9, train_rate["ours"] * flops_per_image / 1e9),
-    ]
-    print()
-    print(f"| {device.type}, batch {args.batch}, {args.image_size}x{args.image_size} | tutorial (ImageFolder + DataLoader, "
-          f"{args.workers} workers, contiguous, fp32) | ours (cache, channels-last, {precision}"
-          f"{', compiled' if args.compile else ''}) | ours / tutorial |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, a, b in rows:
-        print(f"| {label} | {number(a)} | {number(b)} | {b / a:.1f}x |")
-    print()
-    print(f"training step: {flops_per_image / 1e9:.2f} GFLOP per image (forward and backward of both networks, counted by FlopCounterMode)")
+    print_ratio_table(f"{device.type}, batch {args.batch}, {args.image_size}x{args.image_size}",
+                      (f"tutorial (ImageFolder + DataLoader, {args.workers} workers, contiguous, fp32)",
+                       f"ours (cache, channels-last, {precision}{', compiled' if args.compile else ''})"),
+                      {"input pipeline, images/s": (input_tutorial, input_ours),
+                       "training, images/s": (train_rate["tutorial"], train_rate["ours"]),
+                       "achieved GFLOP/s": (train_rate["tutorial"] * flops / 1e9, train_rate["ours"] * flops / 1e9)},
+                      "ours / tutorial")
+    print(f"training step: {flops / 1e9:.2f} GFLOP per image (forward and backward of both networks, counted by FlopCounterMode)")
     print(f"cache build: {n:,} images in {build_s:.1f} s = {n / build_s:,.0f} images/s on {cores} cores "
           f"({n / build_s / cores:,.0f} per core); {len(cached.dropped)} undecodable")
     print(f"peak resident memory: this process {peak_self:,.0f} MB, largest child process (loader worker, cache builder) {peak_children:,.0f} MB"
           + (f"; GPU {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB" if device.type == "cuda" else ""))
     print()
     sizes = args.graph_batches or ([128, 512, 2048] if device.type == "cuda" else [args.batch])
-    bench_graphs(cfg, device, precision, amp_dtype, sizes, args.graph_steps, args.warmup, flops_per_image, args.seed)
+    bench_graphs(cfg, device, precision, amp_dtype, sizes, args.graph_steps, args.warmup, flops, args.seed)
     return 0
+
+
+def time_input(batches, count, batch, device):
+    """Images per second of an input pipeline alone: batches on the device, nothing else."""
+    next(batches)  # the first batch pays for starting workers: not counted
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    sync(device)
+    return count * batch / (time.perf_counter() - t)
+
+
+def time_training(args, cfg, device, precision, amp_dtype, tutorial_batches, our_batches):
+    """Whole training steps, the tutorial's and ours taking turns in rounds -> {name: images/s}."""
+    torch.manual_seed(args.seed)
+    G_t, D_t = (m.to(device) for m in build_models(cfg))
+    opt_t = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999)) for m in (G_t, D_t)]
+    torch.manual_seed(args.seed)
+    G_o, D_o = (m.to(device, memory_format=torch.channels_last) for m in build_models(cfg))
+    fused = device.type == "cuda" or None
+    opt_o = [torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused) for m in (G_o, D_o)]
+    if args.compile:
+        G_o, D_o = torch.compile(G_o), torch.compile(D_o)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    runs = {
+        "tutorial": (tutorial_batches, lambda real: train_step(G_t, D_t, *opt_t, real, cfg["nz"])),
+        "ours": (our_batches, lambda real: train_step(G_o, D_o, *opt_o, real, cfg["nz"], autocast, scaler)),
+    }
+    seconds = {name: 0.0 for name in runs}
+    for r in range(args.rounds):
+        for name, (batches, step) in runs.items():
+            for _ in range(args.warmup):  # new workers, compilation, cudnn's search: not counted
+                step(next(batches)[0])
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(next(batches)[0])
+            sync(device)
+            seconds[name] += time.perf_counter() - t
+        print(f"  after round {r + 1}: " + ", ".join(f"{k} {args.steps * args.batch * (r + 1) / v:,.0f} images/s" for k, v in seconds.items()),
+              flush=True)
+    return {name: args.rounds * args.steps * args.batch / s for name, s in seconds.items()}
+
+
+def flops_per_image(cfg, batch, device):
+    """The arithmetic of one training step per image, counted once on a throwaway copy (the same for both pipelines)."""
+    G, D = (m.to(device) for m in build_models(cfg))
+    opts = [torch.optim.Adam(m.parameters()) for m in (G, D)]
+    with FlopCounterMode(display=False) as counter:
+        train_step(G, D, *opts, torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=device), cfg["nz"])
+    return counter.get_total_flops() / batch
+
+
+def print_ratio_table(title, names, rows, ratio_name):
+    """A Markdown table of two columns of measurements, {label: (before, after)}, and their ratio."""
+    print()
+    print(f"| {title} | {names[0]} | {names[1]} | {ratio_name} |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, (a, b) in rows.items():
+        print(f"| {label} | {number(a)} | {number(b)} | {b / a:.1f}x |")
+    print()
 
 
 def bench_graphs(cfg, device, precision, amp_dtype, sizes, steps, warmup, flops_per_image, seed):
@@ -259,10 +272,10 @@ def bench_graphs(cfg, device, precision, amp_dtype, sizes, steps, warmup, flops_
 
 
 # -----------------------------------------------------------------------------
-# detector: the per-image PIL augmentations (the baseline) against detector.frame_augment
+# detector: the per-image PIL augmentations (the baseline) against blends.frame_augment
 
 def pil_frame_augment(images, generator):
-    """The detector's augmentations as they were before detector.frame_augment: one PIL call
+    """The detector's augmentations as they were before blends.frame_augment: one PIL call
     chain per image on the CPU, the same operations and probabilities. Kept here as the baseline."""
     size = images.shape[-1]
     u = lambda: float(torch.rand((), generator=generator))
@@ -297,32 +310,33 @@ def bench_detector(args):
     faces = data.SyntheticFaces(args.faces, args.image_size, seed=args.seed)  # drawn faces: no data needed, and
     pool = torch.stack([faces[i][0] for i in range(len(faces))]).to(device)  # pixels cost the same to augment as photos
     print(f"benchmark detector: {machine(device)}; {args.image_size}x{args.image_size}, {args.batch} real + {args.batch} fake "
-          f"images a step (fakes from an untrained G, as fine_tune mixes them), fp32, torch threads {torch.get_num_threads()}; "
+          f"images a step (fakes from an untrained G), {args.arch}, fp32, torch threads {torch.get_num_threads()}; "
           f"{load()} at the start", flush=True)
 
     g = torch.Generator().manual_seed(args.seed)
     real_batches = (pool[torch.randint(len(pool), (args.batch,), generator=g).to(device)] for _ in iter(int, 1))
     paths = {"PIL per image (before)": lambda x: pil_frame_augment(x, g),
-             "tensor ops on the device (after)": lambda x: detector.frame_augment(x, g)}
+             "tensor ops on the device (after)": lambda x: frame_augment(x, g)}
     nets = {}
     for name in paths:  # one detector per path, both starting from the same weights
         torch.manual_seed(args.seed)
-        det = build_models(cfg)[1].to(device).train()
-        nets[name] = (det, torch.optim.Adam(det.parameters(), lr=1e-4, betas=(0.5, 0.999)))
+        det = detector.build(args.arch, args.image_size, ndf=args.ndf).to(device).train()
+        nets[name] = (det, torch.optim.AdamW(det.parameters(), lr=1e-4))
+    mixed = detector.GanBatches([G], real_batches, cfg["nz"], device, augment=False)
 
     def augment_only(name):
-        x, _ = detector._mixed_batch([G], real_batches, None, cfg["nz"], device)
+        x, _ = next(mixed)
         sync(device)
         t = time.perf_counter()
         paths[name](x)
         sync(device)
         return len(x), time.perf_counter() - t
 
-    def train_step(name):  # fine_tune's step: the mixed batch (G sampled), augmented, forward, backward, Adam
+    def train_step(name):  # detector.fit's step: the mixed batch (G sampled), augmented, forward, backward, AdamW
         det, opt = nets[name]
         sync(device)
         t = time.perf_counter()
-        x, y = detector._mixed_batch([G], real_batches, None, cfg["nz"], device)
+        x, y = next(mixed)
         loss = F.binary_cross_entropy_with_logits(det(paths[name](x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -330,28 +344,31 @@ def bench_detector(args):
         sync(device)
         return len(x), time.perf_counter() - t
 
-    results = {}
-    for what, fn in (("augmentations alone, images/s", augment_only), ("detector training, images/s", train_step)):
-        images, seconds = {n: 0 for n in paths}, {n: 0.0 for n in paths}
-        for _ in range(args.rounds):  # the two paths take turns, so a shared machine's load falls on both alike
-            for name in paths:
-                for _ in range(args.warmup):
-                    fn(name)
-                for _ in range(args.steps):
-                    k, s = fn(name)
-                    images[name] += k
-                    seconds[name] += s
-        results[what] = [images[n] / seconds[n] for n in paths]
-        print(f"  {what}: " + ", ".join(f"{n} {v:,.0f}" for n, v in zip(paths, results[what])), flush=True)
-    print()
-    print(f"| {device.type}, {args.image_size}x{args.image_size}, {2 * args.batch} images a step | " + " | ".join(paths) + " | after / before |")
-    print("| --- | ---: | ---: | ---: |")
-    for what, (before, after) in results.items():
-        print(f"| {what} | {number(before)} | {number(after)} | {after / before:.1f}x |")
-    print()
+    results = {what: alternate(what, paths, fn, args)
+               for what, fn in (("augmentations alone, images/s", augment_only), ("detector training, images/s", train_step))}
+    print_ratio_table(f"{device.type}, {args.image_size}x{args.image_size}, {2 * args.batch} images a step", tuple(paths),
+                      results, "after / before")
     print(f"machine: {load()} at the end" + (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB"
                                              if device.type == "cuda" else ""))
     return 0
+
+
+def alternate(what, paths, fn, args):
+    """Images/s of fn(name) for each path, the paths taking turns in rounds so that a shared machine's load falls on both alike.
+
+    fn(name) runs one timed batch and returns (images, seconds)."""
+    images, seconds = {n: 0 for n in paths}, {n: 0.0 for n in paths}
+    for _ in range(args.rounds):
+        for name in paths:
+            for _ in range(args.warmup):
+                fn(name)
+            for _ in range(args.steps):
+                k, s = fn(name)
+                images[name] += k
+                seconds[name] += s
+    rates = tuple(images[n] / seconds[n] for n in paths)
+    print(f"  {what}: " + ", ".join(f"{n} {v:,.0f}" for n, v in zip(paths, rates)), flush=True)
+    return rates
 
 
 # -----------------------------------------------------------------------------
@@ -474,6 +491,19 @@ def bench_video(args):
 
 # -----------------------------------------------------------------------------
 
+def add_shape_flags(parser, ndf_help):
+    parser.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
+    parser.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
+    parser.add_argument("--ndf", type=at_least(1), default=64, help=ndf_help)
+
+
+def add_round_flags(parser, steps_help, rounds_help, warmup_help):
+    """The baseline and ours take turns in rounds, so that a shared machine's load falls on both alike."""
+    parser.add_argument("--steps", type=at_least(1), default=5, help=steps_help)
+    parser.add_argument("--rounds", type=at_least(1), default=2, help=rounds_help)
+    parser.add_argument("--warmup", type=at_least(1), default=1, help=warmup_help)
+
+
 def get_args_parser():
     p = ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -481,13 +511,9 @@ def get_args_parser():
     t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--data", required=True, help="a folder of JPEGs, searched recursively (e.g. CelebA's img_align_celeba)")
-    t.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
     t.add_argument("--batch", type=at_least(2), default=128, help="images per step, both pipelines")
-    t.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
-    t.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width")
-    t.add_argument("--steps", type=at_least(1), default=5, help="timed training steps per pipeline per round")
-    t.add_argument("--rounds", type=at_least(1), default=2, help="rounds of tutorial-then-ours")
-    t.add_argument("--warmup", type=at_least(1), default=1, help="untimed steps before each timed run")
+    add_shape_flags(t, "discriminator width")
+    add_round_flags(t, "timed training steps per pipeline per round", "rounds of tutorial-then-ours", "untimed steps before each timed run")
     t.add_argument("--input-batches", type=at_least(1), default=40, help="batches timed for the input pipeline alone")
     t.add_argument("--workers", type=at_least(0), default=2, help="the tutorial's DataLoader workers (it uses 2)")
     t.add_argument("--precision", choices=PRECISIONS, default="auto", help="ours; the tutorial is fp32")
@@ -502,14 +528,11 @@ def get_args_parser():
 
     d = sub.add_parser("detector", help="detector training with the per-image PIL augmentations vs the batched tensor ones",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
     d.add_argument("--batch", type=at_least(1), default=64, help="real images a step, plus as many fakes (evaluate.py fine-tunes with 64)")
-    d.add_argument("--ngf", type=at_least(1), default=64, help="generator width")
-    d.add_argument("--ndf", type=at_least(1), default=64, help="detector (discriminator) width")
+    add_shape_flags(d, "the dcgan detector's width")
+    d.add_argument("--arch", choices=detector.ARCHS, default="mobilenet_v3_large", help="the detector's network (train_detector.py's default)")
     d.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the real batches are taken from")
-    d.add_argument("--steps", type=at_least(1), default=5, help="timed batches per path per round")
-    d.add_argument("--rounds", type=at_least(1), default=2, help="rounds of before-then-after")
-    d.add_argument("--warmup", type=at_least(1), default=1, help="untimed batches before each timed run")
+    add_round_flags(d, "timed batches per path per round", "rounds of before-then-after", "untimed batches before each timed run")
     d.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
                    help="torch CPU threads (on a busy machine 1 can be faster: each OpenMP hand-off waits for a core)")
     add_device_flag(d)

@@ -121,10 +121,9 @@ def _blur_matrices(sigmas, size):
 def _recompress(pixels, qualities):
     """uint8 (N, C, S, S) -> each image JPEG-encoded at its quality and decoded, on pixels' device.
 
-    On the CPU this is libjpeg, one image at a time as torchvision does it there, bit for bit
-    what PIL gives. On CUDA it is nvJPEG, which takes a list at one quality, so images are
-    grouped by quality; it encodes the colour at full resolution (4:4:4) where libjpeg halves
-    it (4:2:0), so the GPU's JPEG is a little milder on colour at the same quality.
+    On the CPU this is libjpeg, one image at a time as torchvision does it there, as PIL does
+    it. On CUDA it is nvJPEG, which takes a list at one quality, so images are grouped by
+    quality; how its output differs from libjpeg's is in docs/speed.md.
     """
     out = torch.empty_like(pixels)
     with warnings.catch_warnings():  # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec

@@ -11,7 +11,6 @@ used. It is built in a temporary folder and renamed into place in one step, so a
 interrupted build leaves no cache behind, only a temporary folder the next build removes.
 """
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -30,7 +29,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from cli import UserError, make_folder, write_atomically
+from cli import UserError, make_folder, write_atomically, write_text
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -170,9 +169,8 @@ def build_cache(files, image_size, folder, workers=None):
             os.replace(path + ".kept", path)
             print(f"warning: {len(bad)} of {len(files):,} images could not be decoded and are left out of the cache",
                   file=sys.stderr)
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump({"format": FORMAT, "image_size": image_size, "crop": CROP, "files": [files[i] for i in kept],
-                       "dropped": [files[i] for i in bad]}, f)
+        write_text(os.path.join(tmp, "index.json"), json.dumps({"format": FORMAT, "image_size": image_size, "crop": CROP,
+                                                               "files": [files[i] for i in kept], "dropped": [files[i] for i in bad]}))
         with open(path, "rb+") as f:
             os.fsync(f.fileno())  # the rename below must never publish pixels that are still only in memory
         try:

@@ -192,7 +192,7 @@ def load_detector(path, device="cpu"):
         _check_detector_config(dcfg, ckpt["threshold"], path)
         model = build_detector(dcfg)
         load_state(model, state, "detector", path)
-        kind = f"{ckpt.get('method', 'fine-tuned')} {dcfg['arch']} detector"
+        kind = f"{ckpt.get('method', 'fine-tuned')} detector"
         info = {k: v for k, v in ckpt.items() if k not in ("detector", "format", "kind")}
     else:
         dcfg = gan_detector_config(ckpt["config"])

@@ -153,8 +153,9 @@ def make_folder(path, what="folder"):
 def write_atomically(path, write):
     """write(f) into path.tmp, then rename it over path, so a crash mid-write never leaves half a file.
 
-    A full disk or an unwritable folder gives one sentence naming the folder, and the
-    temporary file is removed; a stale one from a crashed earlier write is simply overwritten.
+    Every file the programs write goes through here. A full disk or an unwritable folder gives
+    one sentence naming the folder, and the temporary file is removed; a stale one from a
+    crashed earlier write is simply overwritten.
     """
     tmp = f"{path}.tmp"
     try:
@@ -166,7 +167,18 @@ def write_atomically(path, write):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if not isinstance(e, OSError):
+        if not isinstance(e, OSError) and not _write_failed(e):
             raise
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space in {os.path.dirname(os.path.abspath(path))} "
+        why = getattr(e, "strerror", None) or "the write failed; is the disk full?"
+        raise UserError(f"cannot write {path} ({why}); free space in {os.path.dirname(os.path.abspath(path))} "
                         "or make it writable, then run again (the last good file is untouched)") from None
+
+
+def _write_failed(e):
+    """torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer, not as an OSError."""
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("PytorchStreamWriter", "file write failed", "unexpected pos"))
+
+
+def write_text(path, text):
+    """write_atomically for a str, as UTF-8."""
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))

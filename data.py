@@ -61,7 +61,7 @@ def normalize_uint8(images):
     so the result equals preprocess's bit for bit. It runs on the contiguous HWC storage; the
     final permute to NCHW is a view whose memory is already channels-last. A numpy array is
     converted by numpy, in one thread: on a CPU that trains, torch's OpenMP threads would
-    wait on cores the training step is using (7x slower when the machine is busy).
+    wait on cores the training step is using (docs/speed.md, "A note on shared CPUs").
     """
     if isinstance(images, np.ndarray):
         x = images.astype(np.float32)
@@ -285,34 +285,6 @@ def endless(dataset, batch, workers, seed=0, at_least=1):
 
 
 
-def check_detector_data(root):
-    missing = [c for c in ("real", "fake") if not os.path.isdir(os.path.join(root, c))]
-    if missing:
-        raise UserError(f"--detector-data {root} needs two subfolders, real/ and fake/, of face images (it has no {' or '.join(missing)}/)")
-
-
-class LabelledFolder(Dataset):
-    """--detector-data DIR: DIR/real/** and DIR/fake/** -> (image, label 1 = real, ok), one split of them."""
-
-    def __init__(self, root, split, image_size):
-        self.items = []
-        check_detector_data(root)
-        for name, label in (("real", 1), ("fake", 0)):
-            folder = os.path.join(root, name)
-            files = list_images(folder)
-            if not files:
-                raise UserError(f"--detector-data: no images (jpg, png, webp, bmp) under {folder}")
-            self.items += [(f, label) for f in files if hash_split(os.path.relpath(f, folder)) == split]
-        self.images = ImageFiles([f for f, _ in self.items], image_size)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        x, ok = self.images[i]
-        return x, self.items[i][1], ok
-
-
 def epoch_order(n, seed, epoch):
     """The data order of an epoch: a permutation fixed by seed and epoch, so a resumed run sees the same batches."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -433,9 +405,10 @@ def split_by_group(items, valid=0.2, test=0.2, seed=0):
     return parts, names
 
 
-def report_skipped(dataset, indices, counter):
-    """Warn, by name, about images that could not be decoded; counter accumulates over the run."""
+def report_skipped(dataset, indices, skipped):
+    """Warn, by name, about images that could not be decoded; skipped counts those of the run so far -> the new count."""
     for i in indices:
-        counter[0] += 1
+        skipped += 1
         name = dataset.files[i] if hasattr(dataset, "files") else f"image {i}"
-        tqdm.write(f"warning: skipped {name}: it cannot be decoded as an image ({counter[0]} skipped so far)", file=sys.stderr)
+        tqdm.write(f"warning: skipped {name}: it cannot be decoded as an image ({skipped} skipped so far)", file=sys.stderr)
+    return skipped

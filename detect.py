@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 import av
 from checkpoint import SHIPPED_DETECTOR, load_detector
-from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli, write_atomically
+from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli, write_atomically,
+                 write_text)
 from data import IMAGE_EXTENSIONS, list_images
 from detector import FRAMING, NO_FACE, score_input
 import faces
 from faces import media_faces
 from PIL import Image
-from video import VIDEO_EXTENSIONS, input_frames, media_kind, read_image, upright
+from video import VIDEO_EXTENSIONS, all_frames, media_kind, read_image
 
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
@@ -59,7 +60,8 @@ def get_args_parser():
                    help="also write a copy of each input into --out with the faces boxed and scored: green below the threshold, red at or above")
     g.add_argument("--tensorboard", metavar="DIR", default=None, help="log each video's per-frame scores to TensorBoard in DIR")
     g.add_argument("--extract", metavar="DIR", default=None,
-                   help="write the face crops as PNG into DIR instead of scoring (no checkpoint needed); build real/ and fake/ folders for --detector-data")
+                   help="write the face crops of the main tracks as PNG into DIR instead of scoring, framed as train_detector.py frames "
+                        "a video's faces (or as --checkpoint's detector does); real/ and fake/ folders of them are train_detector.py --data")
     return p
 
 
@@ -110,7 +112,8 @@ def summary_row(result, detector_kind):
     """DFDC's filename,label with label = P(fake) (empty when no face gave a score), then ours.
 
     Numbers are written whole (Python writes the shortest text that reads back as the same
-    float): rounded to 6 decimals, 25 of 58 videos read 0.000000 and any AUC from the file changed.
+    float): rounded, the tiny scores of a confident detector all read 0, and an AUC computed
+    from the file would differ from ours (docs/detect.md).
     """
     if "error" in result:
         return {"filename": result["file"], "verdict": "error", "error": result["error"], "detector": detector_kind}
@@ -121,26 +124,37 @@ def summary_row(result, detector_kind):
 
 
 def write_reports(results, out_dir, detector_kind, stems, thumbnails):
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        w.writeheader()
-        w.writerows(summary_row(r, detector_kind) for r in results)
-    with open(os.path.join(out_dir, "frames.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("filename", "frame", "time", "face", "x", "y", "w", "h", "score", "track", "counted"))
-        for r in results:
-            for fr in r.get("frames", []):
-                if not fr["faces"]:  # a row for the frame all the same, so no-face frames are counted
-                    w.writerow((r["file"], fr["index"], fr["time"], "", "", "", "", "", "", "", ""))
-                for k, face in enumerate(fr["faces"]):
-                    w.writerow((r["file"], fr["index"], fr["time"], k, *face["box"], face["score"], face.get("track", ""), 1))
-                for face in fr.get("others", []):  # scored, but not on a main track
-                    w.writerow((r["file"], fr["index"], fr["time"], "", *face["box"], face["score"], face["track"], 0))
+    summary = csv_text(SUMMARY_FIELDS, [summary_row(r, detector_kind) for r in results])
+    write_text(os.path.join(out_dir, "summary.csv"), summary)
+    write_text(os.path.join(out_dir, "frames.csv"), csv_text(None, frame_rows(results)))
     for r in results:
-        with open(os.path.join(out_dir, stems[r["file"]] + ".json"), "w") as f:
-            json.dump({**r, "detector": detector_kind}, f, indent=1)
-    with open(os.path.join(out_dir, "report.html"), "w", encoding="utf-8") as f:
-        f.write(html_report(results, detector_kind, thumbnails))
+        write_text(os.path.join(out_dir, stems[r["file"]] + ".json"), json.dumps({**r, "detector": detector_kind}, indent=1))
+    write_text(os.path.join(out_dir, "report.html"), html_report(results, detector_kind, thumbnails))
+
+
+def csv_text(fields, rows):
+    """CSV as text: rows of dicts under a header of fields, or, without fields, plain rows whose first is the header."""
+    buffer = io.StringIO(newline="")
+    if fields:
+        w = csv.DictWriter(buffer, fieldnames=fields)
+        w.writeheader()
+    else:
+        w = csv.writer(buffer)
+    w.writerows(rows)
+    return buffer.getvalue()
+
+
+def frame_rows(results):
+    """frames.csv: a row per face found, counted (on a main track) or not, and a row for each frame without a face."""
+    yield ("filename", "frame", "time", "face", "x", "y", "w", "h", "score", "track", "counted")
+    for r in results:
+        for fr in r.get("frames", []):
+            if not fr["faces"]:  # a row for the frame all the same, so no-face frames are counted
+                yield (r["file"], fr["index"], fr["time"], "", "", "", "", "", "", "", "")
+            for k, face in enumerate(fr["faces"]):
+                yield (r["file"], fr["index"], fr["time"], k, *face["box"], face["score"], face.get("track", ""), 1)
+            for face in fr.get("others", []):  # scored, but not on a main track
+                yield (r["file"], fr["index"], fr["time"], "", *face["box"], face["score"], face["track"], 0)
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +176,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
     """An inline SVG of the per-frame score (0 at the bottom, 1 at the top) over time, the threshold dashed.
 
     Written out rather than drawn with matplotlib: a polyline and a few marks are a dozen
-    lines, and matplotlib would add a second to detect.py's start and ~30 kB per plot.
+    lines, and matplotlib would slow detect.py's start and make the page much larger (docs/detect.md).
     """
     x = lambda t: 4 + (width - 8) * (t / duration if duration > 0 else 0.5)
     y = lambda s: 4 + (height - 8) * (1 - s)
@@ -183,7 +197,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
 
 def data_uri(pixels):
     buffer = io.BytesIO()
-    # JPEG at 90: 2.8 kB a 64-px crop against 9.6 kB as PNG (67 videos: a 2.6 MB page), and no visible difference at 40 px
+    # JPEG at 90: a fraction of PNG's size, so a page of many videos stays small, and no visible difference at 40 px
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
@@ -259,15 +273,17 @@ def annotate(result, dst):
     threshold = result["threshold"]
     if result["kind"] == "image":
         frame = draw_faces(read_image(result["file"]), by_index.get(0, []), threshold)
-        Image.fromarray(frame).save(dst, format="PNG")
-        return
-    with av.open(result["file"]) as src, av.open(dst, "w", format="mp4") as out:
-        stream = src.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or 25
+        write_atomically(dst, lambda f: Image.fromarray(frame).save(f, format="PNG"))
+    else:
+        write_atomically(dst, lambda f: boxed_video(result["file"], f, by_index, threshold))
+
+
+def boxed_video(path, f, by_index, threshold):
+    """The video at path, every frame, into the file f as H.264, with the boxes of {frame index: faces} drawn in."""
+    rate, frames = all_frames(path)  # upright: the boxes were found on the turned frames
+    with av.open(f, "w", format="mp4") as out:
         enc, faces = None, []
-        for i, frame in enumerate(src.decode(stream)):
-            image = upright(frame)  # the boxes were found on the turned frame
+        for i, _, image in frames:
             if enc is None:
                 enc = out.add_stream("libx264", rate=rate)
                 enc.width, enc.height = image.shape[1] // 2 * 2, image.shape[0] // 2 * 2  # yuv420p wants even sides
@@ -307,8 +323,8 @@ def print_table(results):
 # face crops for training
 
 def extract(inputs, finder, args):
-    """Write the face crops of the main tracks of every input as PNG (lossless), framed as train_detector.py frames a video's
-    faces, so that a folder of them can be trained on as face crops."""
+    """Write the face crops of the main tracks of every input as PNG (lossless), as finder frames them (main: as --checkpoint's
+    detector does, or as train_detector.py frames a video's faces), so that a folder of them can be trained on as face crops."""
     make_folder(args.extract, "--extract folder")
     failed, taken = 0, set()
     for path, kind, problem in tqdm(inputs, desc="files", unit="file", dynamic_ncols=True):
@@ -349,8 +365,9 @@ def main(argv=None):
     inputs = list_inputs(args.inputs)
     if not inputs:
         raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
-    if args.extract:
-        return extract(inputs, finder_for(args, {"framing": FRAMING}), args)
+    if args.extract:  # framed as the given detector frames a face, else as train_detector.py frames a video's faces
+        info = load_detector(args.checkpoint)[3] if args.checkpoint else {"framing": FRAMING}
+        return extract(inputs, finder_for(args, info), args)
     if args.annotate and not args.out:
         raise UserError("--annotate writes into the --out folder; give --out DIR as well")
 
@@ -364,7 +381,7 @@ def main(argv=None):
     finder = finder_for(args, info)
     if args.threshold is not None:
         threshold = args.threshold
-    print(f"detector: the {detector_kind} of {source} ({info['image_size']}x{info['image_size']}), "
+    print(f"detector: the {detector_kind} ({info['arch']}, {info['image_size']}x{info['image_size']}) of {source}, "
           f"threshold {threshold:.3f}, on {device}")
     if detector_kind == "raw discriminator":
         print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
@@ -403,7 +420,7 @@ def main(argv=None):
             dst = annotated_path(args.out, stems[path], ".mp4" if kind == "video" else ".png", input_paths)
             try:
                 annotate(result, dst)
-            except (OSError, av.FFmpegError) as e:  # the scores stand; only the viewing copy is lost
+            except (OSError, av.FFmpegError, UserError) as e:  # the scores stand; only the viewing copy is lost
                 failed_annotations += 1
                 tqdm.write(f"error: {path}: the annotated copy {dst} could not be written ({getattr(e, 'strerror', None) or e})",
                            file=sys.stderr)

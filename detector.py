@@ -117,6 +117,16 @@ def score_images(model, images, device, batch=256):
     return torch.cat([fake_scores(model, chunk.to(device)).cpu() for chunk in images.split(batch)]).numpy()
 
 
+@torch.no_grad()
+def discriminator_scores(D, images, device, batch=256):
+    """P(fake) = sigmoid(-logit) of a GAN's own discriminator, whose logit says real, for a (N, C, S, S) tensor; D's mode is kept."""
+    was_training = D.training
+    D.eval()
+    scores = torch.cat([torch.sigmoid(-D(chunk.to(device)).float()).cpu() for chunk in images.split(batch)]).numpy()
+    D.train(was_training)
+    return scores
+
+
 # -----------------------------------------------------------------------------
 # scoring the faces of a video or an image
 
@@ -273,10 +283,11 @@ class Batches:
 
 class GanBatches:
     """The GAN's end-of-run detector's batches: real images (an endless iterator of batches in [-1, 1]) against as many
-    fakes from the final G and its snapshots (half from the final G), label 1 = fake, augmented like video frames."""
+    fakes from the final G and its snapshots (half from the final G), label 1 = fake, augmented like video frames
+    (unless augment is False: benchmark.py times the augmentations apart)."""
 
-    def __init__(self, generators, real_batches, nz, device):
-        self.generators, self.real_batches, self.nz, self.device = generators, real_batches, nz, device
+    def __init__(self, generators, real_batches, nz, device, augment=True):
+        self.generators, self.real_batches, self.nz, self.device, self.augment = generators, real_batches, nz, device, augment
 
     def __iter__(self):
         return self
@@ -289,7 +300,7 @@ class GanBatches:
         fake = quantize(torch.cat([draw(self.generators[0], b - b // 2), draw(other, b // 2)]))
         x = torch.cat([real, fake.to(self.device)])
         y = torch.cat([torch.zeros(b), torch.ones(b)]).to(self.device)
-        return frame_augment(x), y
+        return (frame_augment(x) if self.augment else x), y
 
 
 # -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ run twice: on clean images and after JPEG re-compression at quality 50 (both cla
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +34,9 @@ import data
 import detector
 import faces
 import metrics
-from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_atomically
+import reports
+from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
+from config import Config
 from video import VIDEO_EXTENSIONS, media_kind
 
 
@@ -48,8 +51,6 @@ def get_args_parser():
                         "a detector.pt here is used before the run's")
     p.add_argument("--detector-steps", type=at_least(0), default=0,
                    help="fine-tune a new detector.pt for this many steps first (0: use the one in --out or the run's, if there is one)")
-    p.add_argument("--detector-data", default=None, metavar="DIR",
-                   help="extra labelled faces for fine-tuning: DIR/real/ and DIR/fake/ (e.g. FaceForensics++ crops)")
     p.add_argument("--eval-images", type=at_least(2), default=1000, help="valid and test images used (each split)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"Inception-v3 2015-12-05 weights for FID/KID ({metrics.INCEPTION_URL}); without them FID is skipped")
@@ -115,20 +116,20 @@ def evaluate_labelled(args):
     model, threshold, kind, info = checkpoint.load_detector(args.run, device)
     root = args.faces or args.videos
     items, scores, face_scores, face_labels = labelled_scores(args, root, model, info, device, as_crops=bool(args.faces))
-    report = metrics.video_evaluation(items, scores, threshold, root)
+    report = reports.video_evaluation(items, scores, threshold, root)
     if len(set(face_labels)) == 2:
         report["frames"] = metrics.detection_metrics(face_scores, face_labels, threshold)
     report.update(detector=kind, run=args.run, part=args.part, data=os.path.abspath(root))
     print(f"{kind} of {args.run} on {len(items)} files under {root}" + (f" ({args.part} part)" if args.part else ""))
-    print(metrics.video_evaluation_table(report))
+    print(reports.video_evaluation_table(report))
     if "frames" in report:
-        print(f"\nper face (frame level): {len(face_scores)} faces\n" + metrics.video_table({"faces": report["frames"]}))
+        print(f"\nper face (frame level): {len(face_scores)} faces\n" + reports.video_table({"faces": report["frames"]}))
     # beside the detector, named after it and the folder: detector-videos-deepfakes-test.json
     det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
     what = "faces" if args.faces else "videos"
     name = f"{det_name}-{what}-{os.path.basename(os.path.normpath(root))}" + (f"-{args.part}" if args.part else "") + ".json"
     out = os.path.join(checkpoint.run_dir_of(args.run), name)
-    write_atomically(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    write_text(out, json.dumps(report, indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -140,10 +141,8 @@ def main(argv=None):
     ckpt = checkpoint.load(args.run)
     path = checkpoint.resolve(args.run)
     run_dir = os.path.dirname(os.path.abspath(path))
-    cfg = dict(ckpt["config"])
-    for key in ("dataset", "data_root", "workers"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+    overrides = {key: getattr(args, key) for key in ("dataset", "data_root", "workers") if getattr(args, key) is not None}
+    cfg = dataclasses.replace(Config.from_dict(ckpt["config"]), **overrides)
     device = pick_device(args.device)
     G, D = checkpoint.models_from(ckpt, path, device)
     out_dir = os.path.abspath(args.out) if args.out else run_dir
@@ -151,11 +150,11 @@ def main(argv=None):
         raise UserError(f"--out {args.out} is a file; give a folder (it is created when missing)")
     # the run's own events file already holds the training curves (and main.py's report): the report gets a folder of its own
     tb_dir = os.path.join(run_dir, "eval") if out_dir == run_dir else out_dir
-    writer = metrics.report_writer(tb_dir)
+    writer = reports.report_writer(tb_dir)
     try:
-        metrics.evaluate_run(cfg, G, D, run_dir, step=ckpt.get("step", 0), epoch=ckpt.get("epoch"), detector_steps=args.detector_steps,
+        reports.evaluate_run(cfg, G, D, run_dir, step=ckpt.get("step", 0), epoch=ckpt.get("epoch"), detector_steps=args.detector_steps,
                      eval_images=args.eval_images, inception_weights=args.inception_weights,
-                     detector_data=args.detector_data, device=device, writer=writer, out_dir=out_dir)
+                     device=device, writer=writer, out_dir=out_dir)
     finally:
         writer.close()
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}; TensorBoard: tensorboard --logdir {tb_dir}")

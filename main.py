@@ -4,6 +4,9 @@
     python main.py --dataset synthetic --epochs 1           # drawn demo faces, no download
     python main.py --resume runs/generative_model/001-celeba-64   # continue a stopped run
     tensorboard --logdir=runs
+
+The GAN step itself is models.train_step, beside the networks: models.CudaGraphStep and
+benchmark.py run it too, and library modules and other programs never import this program.
 """
 
 import argparse
@@ -19,13 +22,13 @@ import re
 import signal
 import sys
 import time
-from types import SimpleNamespace
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid, save_image
@@ -35,73 +38,19 @@ import cache
 import checkpoint
 import data
 import metrics
+import models
+import reports
 from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, explicit_flags, make_folder, one_of, pick_device,
-                 pick_precision, run_cli, use_fast_cuda_kernels, write_atomically)
+                 pick_precision, run_cli, use_fast_cuda_kernels, write_atomically, write_text)
 from checkpoint import SHAPE_KEYS
-from models import IMAGE_SIZES, CudaGraphStep, build_models, draw_samples, train_step
-
-
-# -----------------------------------------------------------------------------
-# the config: one field per flag, plus what a run adds; the flags take their defaults from here
-
-@dataclasses.dataclass
-class Config:
-    """Everything a run is made from. config.json and checkpoints store it as a plain dict (to_dict)."""
-    # data
-    dataset: str = "celeba"                # celeba | folder | synthetic
-    data_root: str = "data/celeba"
-    download: bool = False                 # try torchvision's CelebA download first
-    synthetic_size: int = 10_000           # images in the synthetic training set
-    workers: int = min(4, os.cpu_count() or 1)  # DataLoader processes when there is no cache
-    cache: bool = True                     # decode once into a uint8 cache
-    cache_dir: str = "data/cache"
-    # model: SHAPE_KEYS, which a resumed run takes from its checkpoint
-    image_size: int = 64
-    nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
-    channels: int = 3
-    # training
-    epochs: int = 10
-    max_steps: int | None = None           # a stop for one invocation, not kept on --resume
-    batch: int = 128                       # the global batch, split over torchrun's processes
-    lr: float = 2e-4
-    beta1: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    # speed
-    precision: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    cuda_graphs: bool = False              # off until measured faster on a GPU (it has not been)
-    sync_bn: bool = False
-    # evaluation and detector
-    eval_images: int = 1000
-    detector_steps: int = 2000
-    detector_data: str | None = None
-    inception_weights: str | None = None
-    # output
-    logdir: str = "runs/generative_model"
-    run_name: str | None = None
-    log_every: int = 50
-    sample_every: int = 500
-    resume: str | None = None              # the run folder or checkpoint this run continues
-    run_dir: str | None = None             # chosen by make_config
-
-    @classmethod
-    def from_dict(cls, saved):
-        """A stored config; keys it lacks (flags added since it was written) take today's defaults, keys no longer used are dropped."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
+from config import Config
+from models import IMAGE_SIZES, CudaGraphStep, build_models, draw_samples
 
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
 RESUME_OVERRIDES = ("epochs", "workers", "device", "data_root", "log_every", "sample_every",
                     "cache", "cache_dir", "precision", "channels_last", "compile", "cuda_graphs", "sync_bn",
-                    "detector_steps", "detector_data", "inception_weights", "eval_images")
+                    "detector_steps", "inception_weights", "eval_images")
 
 
 def get_args_parser():
@@ -149,8 +98,6 @@ def get_args_parser():
                    help="valid-split images for the per-epoch SWD and raw-D AUC, and test-split images for the final report")
     g.add_argument("--detector-steps", type=at_least(0), default=d.detector_steps,
                    help="after training, fine-tune a copy of D into detector.pt for this many steps (0: skip; evaluate.py can do it later)")
-    g.add_argument("--detector-data", default=d.detector_data, metavar="DIR",
-                   help="extra labelled faces for the detector: DIR/real/ and DIR/fake/ (e.g. FaceForensics++ crops)")
     g.add_argument("--inception-weights", default=d.inception_weights, metavar="PATH",
                    help="Inception-v3 2015-12-05 weights (weights-inception-2015-12-05-6726825d.pth) for FID/KID after training; without them FID is skipped")
     g = p.add_argument_group("output")
@@ -182,15 +129,16 @@ def open_run_dir(cfg, resumed):
     """Make the run folder, save config.json in it and open its TensorBoard log."""
     make_folder(cfg.run_dir, "run folder")
     make_folder(os.path.join(cfg.run_dir, "samples"), "sample folder")
-    write_atomically(os.path.join(cfg.run_dir, "config.json"), lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+    saved = cfg.to_dict()
+    write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=2))
     writer = SummaryWriter(cfg.run_dir)
     if not resumed:  # a resumed run adds events to the same folder, where these already are
-        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+        writer.add_text("config", "```\n" + json.dumps(saved, indent=2) + "\n```")
         if cfg.dataset == "synthetic":
             writer.add_text("data", "drawn cartoon faces (--dataset synthetic): a demo set, not CelebA")
         # SummaryWriter.add_hparams would open a second events file in a subfolder, and TensorBoard would list the
         # run twice; the same three summaries go into the run's own file through its public file writer.
-        for summary in hparams({k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))},
+        for summary in hparams({k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool))},
                                {"loss/D": 0, "loss/G": 0}):
             writer.file_writer.add_summary(summary)
         # the DCGAN tutorial's two plots: both D outputs in one chart, both losses in another (tags are regexes)
@@ -210,28 +158,85 @@ def write_grid(G, z, path, writer=None, step=0):
 
 
 # -----------------------------------------------------------------------------
+# the run's state: what set-up makes, in named parts that the loop hands on
+
+@dataclasses.dataclass
+class Place:
+    """Where this process computes: its rank among `world` torchrun processes, its device and precision."""
+    rank: int
+    world: int
+    device: torch.device
+    precision: str                 # fp32 | bf16 | fp16
+    amp_dtype: torch.dtype | None  # autocast's dtype; None for fp32
+
+    @property
+    def is_main(self):
+        return self.rank == 0  # only rank 0 prints, logs and writes files
+
+
+@dataclasses.dataclass
+class TrainingData:
+    dataset: Dataset               # the training split: image files, drawn faces, or their uint8 cache
+    store: object                  # the cache's pixels (memory map, or a tensor on the GPU); None without a cache
+    steps_per_epoch: int
+    valid_real: torch.Tensor | None = None  # rank 0's held-out images for the per-epoch metrics
+
+
+@dataclasses.dataclass
+class Networks:
+    G: nn.Module                   # the bare networks, for checkpoints and samples (the step may run wrapped copies)
+    D: nn.Module
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    fixed_noise: torch.Tensor      # the z of every sample grid, kept in the checkpoint
+    memory_format: torch.memory_format
+    step_fn: Callable | None = None  # real batch -> detached statistics: models.train_step, or its CUDA graph
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the loop is, and what it met on the way; all of it but `skipped` and `stop` goes into the checkpoint."""
+    epoch: int = 0                 # epochs finished
+    done_in_epoch: int = 0         # steps taken in the current epoch
+    step: int = 0                  # steps taken in all
+    skipped: int = 0               # undecodable images passed over by this invocation
+    stop: bool = False             # --max-steps reached or Ctrl-C pressed
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything set-up makes, by kind; train() hands each helper the run or the parts it needs."""
+    place: Place
+    data: TrainingData
+    nets: Networks
+    progress: Progress
+    writer: SummaryWriter | None   # rank 0's TensorBoard log; None on the other ranks
+
+
+# -----------------------------------------------------------------------------
 # data
 
-def batches(run, cfg, order):
-    """This epoch's batches from run.done_in_epoch on: (images on the device, dataset indices of images dropped as undecodable).
+def batches(cfg, place, train_data, order, first):
+    """This epoch's batches from step `first` on: (images on the device, dataset indices of images dropped as undecodable).
 
     From the uint8 cache when there is one, else decoded every epoch by DataLoader workers
     (--no-cache, synthetic faces); both take the same images for every step.
     """
-    first, steps, rank, world = run.done_in_epoch, run.steps_per_epoch, run.rank, run.world
-    if run.store is not None:
-        yield from cache.batches(run.store, order, first, steps, cfg.batch, rank, world, run.device)
+    steps, rank, world = train_data.steps_per_epoch, place.rank, place.world
+    if train_data.store is not None:
+        yield from cache.batches(train_data.store, order, first, steps, cfg.batch, rank, world, place.device)
         return
     share = cfg.batch // world
     plan = [order[s * cfg.batch + rank * share:s * cfg.batch + (rank + 1) * share] for s in range(first, steps)]
-    loader = DataLoader(run.dataset, batch_sampler=plan, num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
+    loader = DataLoader(train_data.dataset, batch_sampler=plan, num_workers=cfg.workers, pin_memory=place.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG (the noise) untouched
     for (real, ok), indices in zip(loader, plan):
         bad = []
         if not ok.all():
             bad = [indices[i] for i in (~ok).nonzero().flatten().tolist()]
             real = real[ok]
-        yield real.to(run.device, non_blocking=True), bad
+        yield real.to(place.device, non_blocking=True), bad
 
 
 def load_valid_images(cfg):
@@ -262,11 +267,31 @@ def open_image_cache(dataset, cfg, rank):
 
 
 # -----------------------------------------------------------------------------
-# training
+# set-up
 
 def setup(cfg, ckpt=None):
     """Everything the loop needs, in nanoGPT's order: processes and device, data, models and optimisers (resumed from
     ckpt), and only then the run folder, so that a start that fails on the data, a flag or the checkpoint leaves none."""
+    place = choose_place(cfg)
+    torch.manual_seed(cfg.seed)
+    train_data = load_training_data(cfg, place)
+    nets, progress = build_networks(cfg, place, ckpt)
+    # rank 0 alone: the held-out images, and, everything being checked, the run folder, config.json and TensorBoard
+    start = lambda: (load_valid_images(cfg), open_run_dir(cfg, resumed=ckpt is not None))
+    train_data.valid_real, writer = (on_rank0(start, share=False) if place.world > 1 else start()) or (None, None)
+    if place.is_main:
+        what = (f"{len(train_data.dataset):,} drawn demo faces (--dataset synthetic, not CelebA)" if cfg.dataset == "synthetic"
+                else f"{len(train_data.dataset):,} training images")
+        print(f"{f'resuming at epoch {progress.epoch}, step {progress.step}' if ckpt is not None else 'training'}: {cfg.run_dir} "
+              f"(flags in config.json); {what}, {train_data.steps_per_epoch:,} steps an epoch, on {place.device}"
+              + (f" x {place.world} processes ({cfg.batch // place.world} images each per step)" if place.world > 1 else "")
+              + f", {place.precision}" + (", the step replayed as one CUDA graph" if cfg.cuda_graphs else "")
+              + ", " + ("from the image cache" if train_data.store is not None else f"{cfg.workers} loader workers"))
+    return Run(place, train_data, nets, progress, writer)
+
+
+def choose_place(cfg):
+    """This process's rank, device and precision, every flag that does not fit them refused in one sentence."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = pick_device(cfg.device)
     if world > 1 and device.type == "cuda":
@@ -279,79 +304,79 @@ def setup(cfg, ckpt=None):
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU); leave it out")
     if cfg.cuda_graphs:
         check_cuda_graphs(cfg, device, precision, world)
-    torch.manual_seed(cfg.seed)
+    return Place(rank, world, device, precision, amp_dtype)
 
-    # data: the training split, from the uint8 cache when there is one
-    if cfg.dataset == "celeba" and cfg.download and rank == 0:
+
+def load_training_data(cfg, place):
+    """The training split, from the uint8 cache when there is one."""
+    if cfg.dataset == "celeba" and cfg.download and place.is_main:
         data.download_celeba(cfg.data_root)
     dataset = data.build_dataset(cfg.dataset, cfg.data_root, "train", cfg.image_size, cfg.synthetic_size)
     store = None
     if cfg.cache and isinstance(dataset, data.ImageFiles):
-        dataset = open_image_cache(dataset, cfg, rank)  # only decodable images, in the same order as the file list
-        store = cache.to_device(dataset.images, device)
+        dataset = open_image_cache(dataset, cfg, place.rank)  # only decodable images, in the same order as the file list
+        store = cache.to_device(dataset.images, place.device)
     steps_per_epoch = len(dataset) // cfg.batch  # drop_last: every BatchNorm batch is full-sized
     if steps_per_epoch == 0:
         raise UserError(f"the training split has {len(dataset)} images, fewer than one batch of {cfg.batch}; lower --batch or add images")
+    return TrainingData(dataset, store, steps_per_epoch)
 
-    # models and optimisers; on --resume their state, the counters and the RNG from the checkpoint
+
+def build_networks(cfg, place, ckpt=None):
+    """Models, optimisers and the step; on --resume their state, the counters and the RNG from the checkpoint."""
+    device = place.device
     G, D = build_models(cfg.to_dict())
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
-    if cfg.sync_bn and world > 1:
+    if cfg.sync_bn and place.world > 1:
         G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
     fused = device.type == "cuda"  # one kernel for the whole Adam update instead of several per tensor
     # capturable: Adam's step count stays on the GPU, so a CUDA graph can replay the update
     adam = lambda net: torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=fused or None,
                                         capturable=cfg.cuda_graphs)
-    opt_G, opt_D = adam(G), adam(D)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    fixed_noise = torch.randn(64, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed))
-    epoch, done_in_epoch, step = 0, 0, 0
+    nets = Networks(G, D, adam(G), adam(D), scaler=torch.amp.GradScaler("cuda") if place.precision == "fp16" else None,
+                    fixed_noise=torch.randn(64, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed)),
+                    memory_format=memory_format)
+    progress = Progress()
     if ckpt is not None:
-        checkpoint.load_state(G, ckpt["G"], "generator", cfg.resume)
-        checkpoint.load_state(D, ckpt["D"], "discriminator", cfg.resume)
-        for opt, key in ((opt_G, "opt_G"), (opt_D, "opt_D")):
-            opt.load_state_dict(ckpt[key])
-            adopt_adam_settings(opt, fused=fused, capturable=cfg.cuda_graphs)
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, done_in_epoch, step = ckpt["epoch"], ckpt["done_in_epoch"], ckpt["step"]
-        fixed_noise = ckpt["fixed_noise"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    if rank > 0:  # every rank draws its own noise; the checkpoint keeps rank 0's generator, the others restart from here
-        torch.manual_seed(cfg.seed * 100_003 + rank * 1_000_003 + step)
+        resume(nets, progress, ckpt, cfg, device)
+    if place.rank > 0:  # every rank draws its own noise; the checkpoint keeps rank 0's generator, the others restart from here
+        torch.manual_seed(cfg.seed * 100_003 + place.rank * 1_000_003 + progress.step)
+    nets.fixed_noise = nets.fixed_noise.to(device)
+    nets.step_fn = make_step(cfg, place, nets)
+    return nets, progress
 
+
+def resume(nets, progress, ckpt, cfg, device):
+    """Load the networks, optimisers, counters and RNG state of a training checkpoint, so the run goes on exactly."""
+    checkpoint.load_state(nets.G, ckpt["G"], "generator", cfg.resume)
+    checkpoint.load_state(nets.D, ckpt["D"], "discriminator", cfg.resume)
+    for opt, key in ((nets.opt_G, "opt_G"), (nets.opt_D, "opt_D")):
+        opt.load_state_dict(ckpt[key])
+        adopt_adam_settings(opt, fused=device.type == "cuda", capturable=cfg.cuda_graphs)
+    if nets.scaler is not None and "scaler" in ckpt:
+        nets.scaler.load_state_dict(ckpt["scaler"])
+    progress.epoch, progress.done_in_epoch, progress.step = ckpt["epoch"], ckpt["done_in_epoch"], ckpt["step"]
+    nets.fixed_noise = ckpt["fixed_noise"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
+
+def make_step(cfg, place, nets):
+    """The GAN step as the loop calls it: real batch -> statistics, compiled, wrapped for DDP or captured as asked."""
     # G and D stay the bare networks (checkpoints, samples); G_train and D_train are what the step runs.
-    G_train, D_train = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
-    if world > 1:
+    G_train, D_train = (torch.compile(nets.G), torch.compile(nets.D)) if cfg.compile else (nets.G, nets.D)
+    if place.world > 1:
         # Two wrappers, one per network, so each backward all-reduces only its own network's gradients.
-        ids = [device.index] if device.type == "cuda" else None
+        ids = [place.device.index] if place.device.type == "cuda" else None
         G_train, D_train = DDP(G_train, device_ids=ids), DDP(D_train, device_ids=ids)
     # a CUDA graph must not capture autocast's cache of cast weights: the weights change between replays
-    autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype, cache_enabled=not cfg.cuda_graphs)
-                if amp_dtype else contextlib.nullcontext)
+    autocast = (functools.partial(torch.autocast, place.device.type, dtype=place.amp_dtype, cache_enabled=not cfg.cuda_graphs)
+                if place.amp_dtype else contextlib.nullcontext)
     if cfg.cuda_graphs:
-        step_fn = CudaGraphStep(G, D, opt_G, opt_D, cfg.nz, autocast, batch=cfg.batch)  # captured at the first full batch
-    else:
-        step_fn = lambda real: train_step(G_train, D_train, opt_G, opt_D, real, cfg.nz, autocast, scaler)
-
-    # rank 0 alone: the held-out images, and, everything being checked, the run folder, config.json and TensorBoard
-    start = lambda: (load_valid_images(cfg), open_run_dir(cfg, resumed=ckpt is not None))
-    valid_real, writer = (on_rank0(start, share=False) if world > 1 else start()) or (None, None)
-    if rank == 0:
-        what = (f"{len(dataset):,} drawn demo faces (--dataset synthetic, not CelebA)" if cfg.dataset == "synthetic"
-                else f"{len(dataset):,} training images")
-        print(f"{f'resuming at epoch {epoch}, step {step}' if ckpt is not None else 'training'}: {cfg.run_dir} (flags in config.json); "
-              f"{what}, {steps_per_epoch:,} steps an epoch, on {device}"
-              + (f" x {world} processes ({cfg.batch // world} images each per step)" if world > 1 else "")
-              + f", {precision}" + (", the step replayed as one CUDA graph" if cfg.cuda_graphs else "")
-              + ", " + ("from the image cache" if store is not None else f"{cfg.workers} loader workers"))
-    return SimpleNamespace(rank=rank, world=world, is_main=rank == 0, device=device, dataset=dataset, store=store,
-                           steps_per_epoch=steps_per_epoch, valid_real=valid_real, G=G, D=D,
-                           opt_G=opt_G, opt_D=opt_D, scaler=scaler, step_fn=step_fn, memory_format=memory_format,
-                           fixed_noise=fixed_noise.to(device), epoch=epoch, done_in_epoch=done_in_epoch, step=step, writer=writer)
+        return CudaGraphStep(nets.G, nets.D, nets.opt_G, nets.opt_D, cfg.nz, autocast, batch=cfg.batch)  # captured at the first full batch
+    return lambda real: models.train_step(G_train, D_train, nets.opt_G, nets.opt_D, real, cfg.nz, autocast, nets.scaler)
 
 
 def check_cuda_graphs(cfg, device, precision, world):
@@ -383,118 +408,137 @@ def adopt_adam_settings(opt, *, fused, capturable):
                 state["step"] = state["step"].to(p.device if fused or capturable else "cpu", torch.float32)
 
 
+# -----------------------------------------------------------------------------
+# training
+
 def train(cfg, ckpt=None):
     """Train from scratch, or from a checkpoint dict, until cfg.epochs or cfg.max_steps; returns the last stats.
 
-    Set-up, then one loop that steps, logs and samples, with each epoch's end (evaluation,
-    checkpoint) in its own function. Under torchrun every process calls this; only rank 0
-    prints, logs and writes files.
+    Set-up, then one loop over epochs: train_one_epoch steps, logs and samples; each epoch's
+    end (evaluation, checkpoint) has a function of its own. Under torchrun every process
+    calls this; only rank 0 prints, logs and writes files.
     """
     run = setup(cfg, ckpt)
-    interrupted, previous_handler = stop_on_ctrl_c(run.world)
-    last, skipped, clock = None, [0], Throughput()
-    stop = cfg.max_steps is not None and run.step >= cfg.max_steps
+    place, nets, progress = run.place, run.nets, run.progress
+    ctrl_c, last, clock = CtrlC(place.world), None, Throughput()
+    progress.stop = cfg.max_steps is not None and progress.step >= cfg.max_steps
     try:
-        while run.epoch < cfg.epochs and not stop:
-            order = data.epoch_order(len(run.dataset), cfg.seed, run.epoch)
-            bar = tqdm(batches(run, cfg, order), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch,
-                       initial=run.done_in_epoch, dynamic_ncols=True, disable=not run.is_main)
-            for real, bad in bar:
-                if bad:
-                    data.report_skipped(run.dataset, bad, skipped)
-                if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
-                    last = run.step_fn(real.contiguous(memory_format=run.memory_format))
-                    clock.images += len(real) * run.world
-                run.step += 1
-                run.done_in_epoch += 1
-                stop = bool(interrupted) or (cfg.max_steps is not None and run.step >= cfg.max_steps)
-                # every log_every steps, and at an epoch's end or a stop, so that short runs have curves too
-                if last is not None and (run.step % cfg.log_every == 0 or run.done_in_epoch == run.steps_per_epoch or stop):
-                    log_losses(run, cfg, last, clock, bar)
-                if run.step % cfg.sample_every == 0 and run.is_main:
-                    with clock.paused():
-                        write_grid(run.G, run.fixed_noise, os.path.join(cfg.run_dir, "samples", f"step_{run.step:07d}.png"), run.writer, run.step)
-                if stop:
-                    break
-            bar.close()
+        while progress.epoch < cfg.epochs and not progress.stop:
+            last = train_one_epoch(cfg, run, clock, ctrl_c, last)
             with clock.paused():  # images/second counts training time only, not evaluation and checkpoints
-                if not stop:
-                    run.epoch, run.done_in_epoch = run.epoch + 1, 0
-                    end_of_epoch(run, cfg, last)
-                if run.is_main and (last is not None or not stop):  # a step was taken, or at least an epoch's end reached
-                    save_checkpoint(run, cfg, last)
-        if run.is_main and not stop and run.epoch >= cfg.epochs and cfg.detector_steps > 0:
+                if not progress.stop:
+                    progress.epoch, progress.done_in_epoch = progress.epoch + 1, 0
+                    end_of_epoch(cfg, run, last)
+                if place.is_main and (last is not None or not progress.stop):  # a step was taken, or at least an epoch's end reached
+                    save_checkpoint(cfg, nets, progress, last, place.device)
+        if place.is_main and not progress.stop and progress.epoch >= cfg.epochs and cfg.detector_steps > 0:
             # Its checkpoint is written, so from here Ctrl-C simply stops; evaluate.py can redo this part.
-            signal.signal(signal.SIGINT, previous_handler)
-            detector_and_report(run, cfg)
+            ctrl_c.restore()
+            detector_and_report(cfg, nets, progress, place.device)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        ctrl_c.restore()
         if run.writer is not None:
             run.writer.close()
-    if skipped[0]:
-        print(f"warning: {skipped[0]} images could not be decoded and were skipped", file=sys.stderr)
+    say_where_it_stopped(cfg, place, progress, ctrl_c.pressed)
+    stats = {k: v.item() for k, v in last.items()} if last is not None else {}
+    return {**stats, "step": progress.step, "epoch": progress.epoch, "interrupted": ctrl_c.pressed}
+
+
+def train_one_epoch(cfg, run, clock, ctrl_c, last):
+    """The current epoch's remaining steps, until its end or a stop; returns the last step's statistics (or `last`)."""
+    place, nets, progress = run.place, run.nets, run.progress
+    order = data.epoch_order(len(run.data.dataset), cfg.seed, progress.epoch)
+    bar = tqdm(batches(cfg, place, run.data, order, progress.done_in_epoch), desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
+               total=run.data.steps_per_epoch, initial=progress.done_in_epoch, dynamic_ncols=True, disable=not place.is_main)
+    for real, bad in bar:
+        if bad:
+            progress.skipped = data.report_skipped(run.data.dataset, bad, progress.skipped)
+        if len(real) > 1:  # BatchNorm needs two images; a batch of all-broken files is passed over
+            last = nets.step_fn(real.contiguous(memory_format=nets.memory_format))
+            clock.images += len(real) * place.world
+        progress.step += 1
+        progress.done_in_epoch += 1
+        progress.stop = ctrl_c.pressed or (cfg.max_steps is not None and progress.step >= cfg.max_steps)
+        # every log_every steps, and at an epoch's end or a stop, so that short runs have curves too
+        epoch_end = progress.done_in_epoch == run.data.steps_per_epoch
+        if last is not None and (progress.step % cfg.log_every == 0 or epoch_end or progress.stop):
+            log_losses(cfg, run, last, clock, bar)
+        if progress.step % cfg.sample_every == 0 and place.is_main:
+            with clock.paused():
+                write_grid(nets.G, nets.fixed_noise, os.path.join(cfg.run_dir, "samples", f"step_{progress.step:07d}.png"),
+                           run.writer, progress.step)
+        if progress.stop:
+            break
+    bar.close()
+    return last
+
+
+def say_where_it_stopped(cfg, place, progress, interrupted):
+    if progress.skipped:
+        print(f"warning: {progress.skipped} images could not be decoded and were skipped", file=sys.stderr)
     if interrupted:
-        print(f"stopped at step {run.step}; continue with: python main.py --resume {cfg.run_dir}", file=sys.stderr)
-    elif run.is_main:
+        print(f"stopped at step {progress.step}; continue with: python main.py --resume {cfg.run_dir}", file=sys.stderr)
+    elif place.is_main:
         grids = sorted(glob.glob(os.path.join(cfg.run_dir, "samples", "*.png")), key=os.path.getmtime)
-        print(f"done at epoch {run.epoch}, step {run.step}; run folder: {cfg.run_dir}"
+        print(f"done at epoch {progress.epoch}, step {progress.step}; run folder: {cfg.run_dir}"
               + (f"; last sample grid: {grids[-1]}" if grids else "")
               + f"\nsee the curves and grids with: tensorboard --logdir={os.path.dirname(os.path.normpath(cfg.run_dir))}")
-    stats = {k: v.item() for k, v in last.items()} if last is not None else {}
-    return {**stats, "step": run.step, "epoch": run.epoch, "interrupted": bool(interrupted)}
 
 
-def log_losses(run, cfg, last, clock, bar):
+def log_losses(cfg, run, last, clock, bar):
     values = {k: v.item() for k, v in last.items()}  # a CPU-GPU sync point, hence not at every step
-    check_finite(last, run.step, cfg.run_dir)
-    if run.is_main:  # rank 0's statistics, from its share of the batch
+    check_finite(last, run.progress.step, cfg.run_dir)
+    if run.place.is_main:  # rank 0's statistics, from its share of the batch
         for k, v in values.items():
-            run.writer.add_scalar(k, v, run.step)
-        run.writer.add_scalar("perf/images_per_sec", clock.images_per_sec(), run.step)
+            run.writer.add_scalar(k, v, run.progress.step)
+        run.writer.add_scalar("perf/images_per_sec", clock.images_per_sec(), run.progress.step)
     clock.restart()
     bar.set_postfix(loss_D=f"{values['loss/D']:.3f}", loss_G=f"{values['loss/G']:.3f}", D_x=f"{values['D(x)']:.2f}")
 
 
-def end_of_epoch(run, cfg, last):
+def end_of_epoch(cfg, run, last):
     """The networks checked finite before anything is written; then rank 0's sample grid, G snapshot and evaluation."""
-    check_finite(last, run.step, cfg.run_dir, G=run.G, D=run.D)
-    if not run.is_main:
+    nets, progress, writer = run.nets, run.progress, run.writer
+    check_finite(last, progress.step, cfg.run_dir, G=nets.G, D=nets.D)
+    if not run.place.is_main:
         return
-    with tqdm(total=3, desc=f"end of epoch {run.epoch}", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=3, desc=f"end of epoch {progress.epoch}", leave=False, dynamic_ncols=True) as bar:
         bar.set_postfix_str("sample grid")
-        write_grid(run.G, run.fixed_noise, os.path.join(cfg.run_dir, "samples", f"epoch_{run.epoch:03d}.png"), run.writer, run.step)
+        write_grid(nets.G, nets.fixed_noise, os.path.join(cfg.run_dir, "samples", f"epoch_{progress.epoch:03d}.png"), writer, progress.step)
         bar.update()
         bar.set_postfix_str("G snapshot")
-        checkpoint.save_snapshot(run.G, cfg.to_dict(), run.epoch, run.step, cfg.run_dir)  # fakes from earlier generators for the detector
+        # fakes from earlier generators for the detector
+        checkpoint.save_snapshot(nets.G, cfg.to_dict(), progress.epoch, progress.step, cfg.run_dir)
         bar.update()
-        bar.set_postfix_str(f"SWD and raw-D AUC on {len(run.valid_real)} valid images")
-        for k, v in metrics.epoch_metrics(run.G, run.D, run.valid_real, cfg.to_dict(), run.device, run.epoch).items():
-            run.writer.add_scalar(k, v, run.step)
+        bar.set_postfix_str(f"SWD and raw-D AUC on {len(run.data.valid_real)} valid images")
+        for k, v in reports.epoch_metrics(nets.G, nets.D, run.data.valid_real, run.place.device, progress.epoch).items():
+            writer.add_scalar(k, v, progress.step)
         bar.update()
 
 
-def save_checkpoint(run, cfg, last):
-    check_finite(last, run.step, cfg.run_dir, G=run.G, D=run.D)  # never overwrite the last good checkpoint with a diverged model
+def save_checkpoint(cfg, nets, progress, last, device):
+    check_finite(last, progress.step, cfg.run_dir, G=nets.G, D=nets.D)  # never overwrite the last good checkpoint with a diverged model
     checkpoint.save({
-        "config": cfg.to_dict(), "G": run.G.state_dict(), "D": run.D.state_dict(),
-        "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
-        "epoch": run.epoch, "done_in_epoch": run.done_in_epoch, "step": run.step, "fixed_noise": run.fixed_noise.cpu(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
-        **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
+        "config": cfg.to_dict(), "G": nets.G.state_dict(), "D": nets.D.state_dict(),
+        "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
+        "epoch": progress.epoch, "done_in_epoch": progress.done_in_epoch, "step": progress.step,
+        "fixed_noise": nets.fixed_noise.cpu(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        **({"scaler": nets.scaler.state_dict()} if nets.scaler is not None else {}),
     }, os.path.join(cfg.run_dir, "checkpoint.pt"), "training")
 
 
-def detector_and_report(run, cfg):
+def detector_and_report(cfg, nets, progress, device):
     """The GAN is done: fine-tune the detector, then the test-set report (detector.pt, metrics.json)."""
     # plain copies: with --sync-bn the networks' BatchNorm would wait for ranks that have finished
     G_eval, D_eval = build_models(cfg.to_dict())
-    G_eval.load_state_dict(run.G.state_dict()), D_eval.load_state_dict(run.D.state_dict())
+    G_eval.load_state_dict(nets.G.state_dict()), D_eval.load_state_dict(nets.D.state_dict())
     # the report's TensorBoard is RUN/eval, where evaluate.py writes its reports too (each replacing the last)
-    writer = metrics.report_writer(os.path.join(cfg.run_dir, "eval"))
+    writer = reports.report_writer(os.path.join(cfg.run_dir, "eval"))
     try:
-        metrics.evaluate_run(cfg.to_dict(), G_eval.to(run.device), D_eval.to(run.device), cfg.run_dir, step=run.step, epoch=run.epoch,
+        reports.evaluate_run(cfg, G_eval.to(device), D_eval.to(device), cfg.run_dir, step=progress.step, epoch=progress.epoch,
                              detector_steps=cfg.detector_steps, eval_images=cfg.eval_images, inception_weights=cfg.inception_weights,
-                             detector_data=cfg.detector_data, device=run.device, writer=writer)
+                             device=device, writer=writer)
     finally:
         writer.close()
 
@@ -532,23 +576,27 @@ class Throughput:
         return self.images / max(time.perf_counter() - self.start - self.excluded, 1e-9)
 
 
-def stop_on_ctrl_c(world):
+class CtrlC:
     """Ctrl-C finishes the step in flight, writes a checkpoint and stops; a second Ctrl-C stops at once.
 
-    Returns the flag the loop reads (a list, true once pressed) and the handler to put back.
-    Not under torchrun: processes would stop after different steps and wait on each other forever.
+    `pressed` is what the loop reads. Not under torchrun: processes would stop after different
+    steps and wait on each other forever.
     """
-    interrupted, main_pid = [], os.getpid()
 
-    def on_sigint(signum, frame):
-        if os.getpid() != main_pid:  # a DataLoader worker inherited this handler: the main process speaks for all
+    def __init__(self, world):
+        self.pressed, self.main_pid = False, os.getpid()
+        self.previous = signal.signal(signal.SIGINT, self.on_sigint) if world == 1 else signal.getsignal(signal.SIGINT)
+
+    def on_sigint(self, signum, frame):
+        if os.getpid() != self.main_pid:  # a DataLoader worker inherited this handler: the main process speaks for all
             return
-        if interrupted:
+        if self.pressed:
             raise KeyboardInterrupt
-        interrupted.append(True)
+        self.pressed = True
         tqdm.write("stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
-    previous = signal.signal(signal.SIGINT, on_sigint) if world == 1 else signal.getsignal(signal.SIGINT)
-    return interrupted, previous
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 # -----------------------------------------------------------------------------
@@ -558,8 +606,6 @@ def check_paths(cfg):
     """Files the run needs only at its end must exist at its start."""
     if cfg.inception_weights:
         metrics.check_inception_weights(cfg.inception_weights)
-    if cfg.detector_data:
-        data.check_detector_data(cfg.detector_data)
 
 
 def make_config(argv=None):

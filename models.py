@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import quantize
+
 IMAGE_SIZES = (32, 64, 128, 256)
 
 
@@ -86,6 +88,18 @@ def draw_samples(G, z):
     images = G(z)
     G.train(was_training)
     return images
+
+
+@torch.no_grad()
+def seeded_samples(G, n, seed, device, batch=256):
+    """n samples of G from noise seeded by `seed`, drawn in batches, rounded to 8 bits, on the CPU.
+
+    The noise is drawn on the CPU, all of it before the first batch, so a seed gives the same
+    images on every device and at every batch size. They are rounded to 8 bits as real images
+    from files are: a detector or a metric would otherwise see the rounding, not the faces.
+    """
+    z = torch.randn(n, G.nz, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([quantize(draw_samples(G, z[i:i + batch].to(device))) for i in range(0, n, batch)])
 
 
 def init_weights(module):

@@ -11,13 +11,12 @@ import math
 import os
 import sys
 
-import torch
 from PIL import Image
 from torchvision.utils import save_image
 
 import checkpoint
 from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically
-from models import draw_samples
+from models import seeded_samples
 
 
 def get_args_parser():
@@ -33,14 +32,6 @@ def get_args_parser():
     return p
 
 
-@torch.no_grad()
-def generate(G, n, seed, batch, device):
-    """n images in [-1, 1] from seeded noise, in batches."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, G.nz, generator=g)
-    return torch.cat([draw_samples(G, z[i:i + batch].to(device)).float().cpu() for i in range(0, n, batch)])
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.out is not None and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
@@ -48,7 +39,7 @@ def main(argv=None):
     device = pick_device(args.device)
     ckpt = checkpoint.load(args.checkpoint)
     G, _ = checkpoint.models_from(ckpt, args.checkpoint, device)
-    images = generate(G, args.n, args.seed, args.batch, device)
+    images = seeded_samples(G, args.n, args.seed, device, args.batch)
     out = args.out if args.out is not None or args.separate else "samples.png"
     if out:
         nrow = args.nrow or math.ceil(math.sqrt(args.n))
@@ -59,7 +50,8 @@ def main(argv=None):
     if args.separate:
         make_folder(args.separate, "--separate folder")
         for i, image in enumerate(images):
-            save_image(image, os.path.join(args.separate, f"{i:06d}.png"), normalize=True, value_range=(-1, 1))
+            write_atomically(os.path.join(args.separate, f"{i:06d}.png"),
+                             lambda f: save_image(image, f, format="png", normalize=True, value_range=(-1, 1)))
         print(f"wrote {args.n} images to {args.separate}")
     return 0
 

@@ -50,6 +50,7 @@ import data
 import detector
 import faces
 import metrics
+import reports
 from blends import MASKS
 from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, regex, run_cli,
                  write_atomically)
@@ -311,7 +312,7 @@ def finish(model, folders, args, out, progress, minutes, device, writer):
         for name in ("valid", "test"):
             if parts[name].files:
                 scores = valid_scores[root] if name == "valid" else part_scores(model, [parts[name]], device)[root]
-                entry[name] = metrics.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
+                entry[name] = reports.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
                 if name == "test" and "overall" in entry[name]:
                     writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry[name]["overall"]["auc"], progress.step)
     dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames,
@@ -330,7 +331,7 @@ def print_report(report, threshold):
     for root, entry in report["folders"].items():
         for name in ("valid", "test"):
             if "overall" in entry.get(name, {}):
-                print(f"\n{root}, {name} part:\n{metrics.video_table({name: entry[name]['overall']})}")
+                print(f"\n{root}, {name} part:\n{reports.video_table({name: entry[name]['overall']})}")
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +381,7 @@ def main(argv=None):
     print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
           f"on {device}, {args.epochs} epochs of {steps // args.epochs} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
     progress, minutes = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
-    writer = metrics.report_writer(out)
+    writer = reports.report_writer(out)
     path, threshold, report = finish(model, folders, args, out, progress, minutes, device, writer)
     writer.close()
     print_report(report, threshold)

@@ -1,6 +1,7 @@
 """Videos and images as frames: opening, choosing which frames to look at, decoding them in one pass."""
 
 import os
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -109,18 +110,30 @@ def _decode_by_pts(path, wanted, info):
                 return
 
 
-def _decode_by_order(path, wanted):
+def _decode_by_order(path, wanted=None):
+    """Decode in order, counting frames; yield those in wanted (every frame when None)."""
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         i = 0
         try:
             for frame in container.decode(stream):
-                if i in wanted:
+                if wanted is None or i in wanted:
                     yield i, float(frame.time or 0.0), upright(frame)
                 i += 1
         except av.FFmpegError as e:
             raise UserError(f"stopped decoding at frame {i} ({_ffmpeg_message(e)})") from None
+
+
+def all_frames(path):
+    """Every frame of a video, in order -> (its frame rate, iterator of (index, seconds, upright RGB array)).
+
+    For a copy of the whole video (detect.py --annotate); scoring samples frames with open_video.
+    """
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+    return rate, _decode_by_order(path)
 
 
 def read_image(path):

@@ -4,8 +4,8 @@ import os
 import shutil
 
 # The tests' tensors are tiny: a second thread only adds OpenMP hand-offs, and on a shared machine each
-# hand-off waits for a free core (a 2-epoch tiny run took 17 s with 2 threads, 0.8 s with 1, at load 10 on
-# 2 cores). Set before torch starts its thread pool, and inherited by the programs the tests start.
+# hand-off waits for a free core (docs/speed.md, "A note on shared CPUs"). Set before torch starts its
+# thread pool, and inherited by the programs the tests start.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402

@@ -11,9 +11,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main  # noqa: E402
+import models  # noqa: E402
 
 networks = {}
-train_step = main.train_step
+train_step = models.train_step
 
 
 def remember_networks(G, D, *args, **kwargs):
@@ -21,7 +22,7 @@ def remember_networks(G, D, *args, **kwargs):
     return train_step(G, D, *args, **kwargs)
 
 
-main.train_step = remember_networks
+models.train_step = remember_networks
 status = main.main(sys.argv[2:])
 torch.save({name: {k: v.detach().clone() for k, v in net.module.named_parameters()} for name, net in networks.items()},
            os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))

@@ -1,10 +1,10 @@
-"""benchmark.py detector: its PIL baseline degrades faces as frame_augment does, and the report is printed."""
+"""benchmark.py detector: its PIL baseline degrades faces as blends.frame_augment does, and the report is printed."""
 
 import torch
 
 import benchmark
 import data
-import detector
+import blends
 
 
 def test_the_pil_baseline_and_frame_augment_degrade_alike():
@@ -12,7 +12,7 @@ def test_the_pil_baseline_and_frame_augment_degrade_alike():
     faces = torch.stack([data.SyntheticFaces(32, 32, seed=0)[i][0] for i in range(32)]).repeat(12, 1, 1, 1)
     clean = data.quantize(faces)
     shares = []
-    for augment in (lambda x, g: benchmark.pil_frame_augment(x, g), lambda x, g: detector.frame_augment(x, g)):
+    for augment in (lambda x, g: benchmark.pil_frame_augment(x, g), lambda x, g: blends.frame_augment(x, g)):
         out = augment(faces, torch.Generator().manual_seed(0))
         assert torch.equal(out, data.quantize(out))
         flipped = (out - clean.flip(-1)).abs().flatten(1).mean(1) < (out - clean).abs().flatten(1).mean(1)
@@ -25,11 +25,25 @@ def test_the_pil_baseline_and_frame_augment_degrade_alike():
     assert 0.8 < change_a / change_b < 1.25
 
 
-def test_bench_detector_prints_both_paths_and_the_machine(capsys):
+def test_bench_detector_reports_the_rates_and_their_ratio_from_its_clock(capsys, monkeypatch):
+    # a clock that moves only while augmenting, 3 s a PIL batch and 1 s a tensor batch: the rates and their ratio are known
+    now = [0.0]
+    real_pil, real_tensor = benchmark.pil_frame_augment, benchmark.frame_augment
+
+    def taking(seconds, augment):
+        def timed_augment(*args, **kwargs):
+            now[0] += seconds
+            return augment(*args, **kwargs)
+        return timed_augment
+
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(benchmark, "pil_frame_augment", taking(3.0, real_pil))
+    monkeypatch.setattr(benchmark, "frame_augment", taking(1.0, real_tensor))
     assert benchmark.cli(["detector", "--image-size", "32", "--batch", "4", "--ngf", "8", "--ndf", "8", "--faces", "8",
-                          "--steps", "1", "--rounds", "1", "--threads", "1"]) == 0
+                          "--steps", "2", "--rounds", "1", "--threads", "1", "--arch", "dcgan"]) == 0
     out = capsys.readouterr().out
     assert "benchmark detector: cpu (" in out and "torch threads 1" in out
-    assert "| PIL per image (before) | tensor ops on the device (after) | after / before |" in out
-    for row in ("augmentations alone, images/s", "detector training, images/s"):
-        assert f"| {row} |" in out
+    assert "| cpu, 32x32, 8 images a step | PIL per image (before) | tensor ops on the device (after) | after / before |" in out
+    for row in ("augmentations alone, images/s", "detector training, images/s"):  # 8 images a batch in 3 s and in 1 s
+        assert f"  {row}: PIL per image (before) 3, tensor ops on the device (after) 8" in out
+        assert f"| {row} | 2.7 | 8.0 | 3.0x |" in out

@@ -6,6 +6,7 @@ the flag cannot work is one sentence.
 """
 
 import copy
+import itertools
 import os
 from types import SimpleNamespace
 
@@ -146,16 +147,22 @@ def test_a_run_saved_with_cuda_graphs_resumes_here_with_no_cuda_graphs(tiny_run_
     cfg, ckpt = main.make_config(["--resume", str(tiny_run_copy), "--epochs", "2", "--max-steps", "5", "--no-cuda-graphs"])
     run = main.setup(cfg, ckpt)
     run.writer.close()
-    assert all(g["capturable"] is False and g["fused"] is None for g in run.opt_G.param_groups + run.opt_D.param_groups)
+    assert all(g["capturable"] is False and g["fused"] is None for g in run.nets.opt_G.param_groups + run.nets.opt_D.param_groups)
     assert main.train(cfg, ckpt)["step"] == 5
 
 
-def test_the_benchmark_times_eager_only_on_a_cpu_and_says_why(capsys):
-    rows = benchmark.bench_graphs(SHAPE, torch.device("cpu"), "fp32", None, [4, 8], steps=1, warmup=1, flops_per_image=1e9, seed=0)
+def test_the_benchmark_times_eager_only_on_a_cpu_and_says_why(capsys, monkeypatch):
+    clock = itertools.count()
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(clock) * 0.5)  # every timed run takes 0.5 s
+    rows = benchmark.bench_graphs(SHAPE, torch.device("cpu"), "fp32", None, [4, 8], steps=2, warmup=1, flops_per_image=1e12, seed=0)
     out = capsys.readouterr().out
     assert "CUDA graphs: need a CUDA GPU; this run is on cpu" in out
-    assert [(r[0], r[1]) for r in rows] == [(4, "eager"), (8, "eager")] and all(r[2] > 0 for r in rows)
-    assert "| batch 4, eager |" in out and "| batch 8, eager |" in out and "CUDA graph /" not in out
+    # 2 steps of 4 and of 8 images in 0.5 s: 16 and 32 images/s, each image 1 TFLOP
+    assert [r[:4] for r in rows] == [(4, "eager", 16.0, 16.0), (8, "eager", 32.0, 32.0)]
+    for (batch, _, rate, tflops, _, loss_d, loss_g) in rows:
+        assert f"| batch {batch}, eager | {rate:.1f} | {tflops:.2f} | - | {loss_d:.4f}, {loss_g:.4f} |" in out
+        assert 0 < loss_d < 10 and 0 < loss_g < 10
+    assert "CUDA graph /" not in out
 
 
 # -----------------------------------------------------------------------------

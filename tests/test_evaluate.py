@@ -1,17 +1,14 @@
 import json
 import os
-import random
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoint
-import data
-import detector
 import evaluate
 import main
 import metrics
+import reports
 from cli import run_cli
 
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--synthetic-size", "64", "--batch", "16", "--ngf", "8", "--ndf", "8",
@@ -27,7 +24,7 @@ SMALL_BATCH = 16
 def trained_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics, "DETECTOR_BATCH", SMALL_BATCH)
+        patch.setattr(reports, "DETECTOR_BATCH", SMALL_BATCH)
         assert main.main(TINY + ["--epochs", "2", "--detector-steps", "5", "--logdir", str(logdir), "--run-name", "r"]) == 0
     return os.path.join(logdir, "r")
 
@@ -113,37 +110,9 @@ def test_evaluate_out_that_is_a_file_is_one_line(trained_run, tmp_path, capsys):
 
 
 def test_thresholds_are_printed_with_the_digits_they_need():
-    assert metrics.format_threshold(0.99995) == "0.999950"
-    assert metrics.format_threshold(0.00012) == "0.00012"
-    assert metrics.format_threshold(0.5713) == "0.571"
-
-
-def test_detector_data_adds_labelled_faces(trained_run, tmp_path, monkeypatch):
-    for label, seed in (("real", 0), ("fake", 9)):
-        os.makedirs(tmp_path / label)
-        for i in range(20):
-            data.draw_face(random.Random(seed * 100 + i), 32).save(tmp_path / label / f"{i}.png")
-    real_fine_tune, pulled = detector.fine_tune, []
-
-    def fine_tune(*args, extra_batches, **kwargs):
-        def watched():  # the batches fine-tuning takes from --detector-data
-            for x, y in extra_batches:
-                pulled.append(y.tolist())
-                yield x, y
-        return real_fine_tune(*args, extra_batches=watched(), **kwargs)
-
-    monkeypatch.setattr(detector, "fine_tune", fine_tune)
-    monkeypatch.setattr(metrics, "DETECTOR_BATCH", SMALL_BATCH)
-    assert evaluate.main([os.path.join(trained_run, "checkpoint.pt"), "--detector-steps", "2", "--detector-data", str(tmp_path)]) == 0
-    assert len(pulled) >= 2  # one batch a step at least
-    assert {label for batch in pulled for label in batch} == {0, 1}  # fake and real faces (1 = real)
-    ckpt = torch.load(os.path.join(trained_run, "detector.pt"), weights_only=True)
-    assert ckpt["detector_data"] == str(tmp_path) and ckpt["steps"] == 2
-
-
-def test_detector_data_without_subfolders_is_a_user_error(trained_run, tmp_path, capsys):
-    assert run_cli(evaluate.main, [trained_run, "--detector-steps", "1", "--detector-data", str(tmp_path)]) == 2
-    assert "real/ and fake/" in capsys.readouterr().err
+    assert reports.format_threshold(0.99995) == "0.999950"
+    assert reports.format_threshold(0.00012) == "0.00012"
+    assert reports.format_threshold(0.5713) == "0.571"
 
 
 def test_evaluate_on_a_missing_run_is_one_line(tmp_path, capsys):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import IMAGE_SIZES, Discriminator, Generator
+from models import IMAGE_SIZES, Discriminator, Generator, seeded_samples
 
 
 @pytest.mark.parametrize("size", IMAGE_SIZES)
@@ -43,3 +43,17 @@ def test_sizes_outside_the_supported_range_are_refused():
         Generator(image_size=48)
     with pytest.raises(ValueError):
         Discriminator(image_size=16)
+
+
+def test_seeded_samples_depend_on_the_seed_alone_and_are_8_bit():
+    torch.manual_seed(0)
+    G = Generator(nz=16, ngf=8, image_size=32)
+    a = seeded_samples(G, 10, seed=3, device="cpu", batch=4)
+    assert a.shape == (10, 3, 32, 32) and a.device.type == "cpu"
+    # the same noise at any batch size; a convolution may sum in another order, so within one grey level
+    assert (a - seeded_samples(G, 10, seed=3, device="cpu", batch=256)).abs().max() <= 1 / 127.5 + 1e-6
+    assert (a[:6] - seeded_samples(G, 6, seed=3, device="cpu")).abs().max() <= 1 / 127.5 + 1e-6  # fewer: the first of them
+    assert not torch.equal(a, seeded_samples(G, 10, seed=4, device="cpu"))
+    pixels = (a + 1) * 127.5
+    assert torch.allclose(pixels, pixels.round(), atol=1e-4)  # rounded to 8 bits, as image files are
+    assert G.training  # drawing leaves G as it was

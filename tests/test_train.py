@@ -11,6 +11,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 import checkpoint
 import main
+import models
 from cli import UserError, run_cli
 from helpers import train_args, write_jpegs
 from models import build_models
@@ -26,7 +27,7 @@ def test_a_few_steps_change_the_weights_and_give_finite_losses():
     opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     real = torch.rand(8, 3, 32, 32) * 2 - 1
     for _ in range(3):
-        stats = main.train_step(G, D, opt_G, opt_D, real, 16)
+        stats = models.train_step(G, D, opt_G, opt_D, real, 16)
     assert all(torch.isfinite(v) for v in stats.values())
     assert all(0 <= stats[k] <= 1 for k in ("D(x)", "D(G(z))/D_step", "D(G(z))/G_step"))
     assert all(not torch.equal(a, b) for a, b in zip(before_G, G.parameters()))
@@ -50,13 +51,13 @@ def test_a_short_run_writes_events_config_samples_and_a_checkpoint(tmp_path):
 
 
 def test_a_short_run_has_a_loss_point_at_every_epochs_end_and_a_rate_over_training_time(tmp_path, monkeypatch):
-    real_metrics, real_clock, skipped = main.metrics.epoch_metrics, time.perf_counter, [0.0]
+    real_metrics, real_clock, skipped = main.reports.epoch_metrics, time.perf_counter, [0.0]
 
     def slow_metrics(*args):
         skipped[0] += 100  # as if the evaluation took 100 s: a clock that counted it would see under 1 image a second
         return real_metrics(*args)
 
-    monkeypatch.setattr(main.metrics, "epoch_metrics", slow_metrics)
+    monkeypatch.setattr(main.reports, "epoch_metrics", slow_metrics)
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])
     assert main.main(train_args(tmp_path, "--epochs", "2", "--run-name", "r", "--log-every", "1000")) == 0
     events = EventAccumulator(str(tmp_path / "r"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
@@ -128,13 +129,13 @@ def test_an_old_checkpoint_whose_config_lacks_newer_flags_resumes(tmp_path):
     _, run_dir = run_to_end(tmp_path, "--run-name", "r", "--max-steps", "2")
     path = os.path.join(run_dir, "checkpoint.pt")
     old = torch.load(path, weights_only=True)
-    for key in ("eval_images", "sync_bn", "channels_last", "detector_data"):  # flags added after the run started
+    for key in ("eval_images", "sync_bn", "channels_last", "cuda_graphs"):  # flags added after the run started
         del old["config"][key]
-    old["config"]["retired_flag"] = 1  # and one no longer read
+    old["config"]["retired_flag"] = 1  # and one no longer read (as --detector-data is)
     del old["format"], old["kind"]
     checkpoint.save(old, path, "training")
     cfg, ckpt = main.make_config(["--resume", run_dir, "--max-steps", "3"])
-    assert (cfg.eval_images, cfg.sync_bn, cfg.channels_last, cfg.detector_data) == (1000, False, True, None)  # the flags' defaults
+    assert (cfg.eval_images, cfg.sync_bn, cfg.channels_last, cfg.cuda_graphs) == (1000, False, True, False)  # the flags' defaults
     assert main.train(cfg, ckpt)["step"] == 3
     assert "retired_flag" not in json.loads(open(os.path.join(run_dir, "config.json")).read())
 
@@ -178,7 +179,7 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_step, calls = main.train_step, []
+    real_step, calls = models.train_step, []
 
     def diverging_step(*args):
         calls.append(1)
@@ -187,7 +188,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
             stats["loss/D"] = torch.tensor(float("nan"))
         return stats
 
-    monkeypatch.setattr(main, "train_step", diverging_step)
+    monkeypatch.setattr(models, "train_step", diverging_step)
     with pytest.raises(UserError, match="diverged at step 6"):
         run_to_end(tmp_path, "--run-name", "r")
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
@@ -195,7 +196,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def test_non_finite_weights_at_an_epochs_end_stop_the_run_before_anything_is_written(tmp_path, monkeypatch):
-    real_step, calls = main.train_step, []
+    real_step, calls = models.train_step, []
 
     def diverging_step(G, *args):
         calls.append(1)
@@ -205,7 +206,7 @@ def test_non_finite_weights_at_an_epochs_end_stop_the_run_before_anything_is_wri
                 next(G.parameters()).fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(main, "train_step", diverging_step)
+    monkeypatch.setattr(models, "train_step", diverging_step)
     with pytest.raises(UserError, match="diverged at step 8 \\(non-finite weights in G\\)"):
         run_to_end(tmp_path, "--run-name", "r", "--log-every", "1000")
     run = tmp_path / "r"
@@ -250,8 +251,6 @@ def test_an_epochs_end_reached_on_resume_without_a_step_is_checkpointed(tmp_path
 
 
 def test_paths_needed_at_the_end_are_checked_at_the_start(tmp_path):
-    with pytest.raises(UserError, match="needs two subfolders, real/ and fake/"):
-        main.make_config(train_args(tmp_path, "--detector-data", str(tmp_path)))
     with pytest.raises(UserError, match="--inception-weights .* is not a file"):
         main.make_config(train_args(tmp_path, "--inception-weights", str(tmp_path / "missing.pth")))
     assert not os.listdir(tmp_path)  # and no run folder was made
