@@ -13,9 +13,9 @@ first the input pipeline alone, then whole training steps, alternating between t
 rounds so that a shared machine's load falls on both alike. Numbers on a shared machine
 vary from run to run; the ratio is what to read.
 
-`detector` times the detector's training step (fine_tune's: a batch of real faces and G's
-fakes, augmented, forward, backward, Adam) with the per-image PIL augmentations it had
-before and with blends.frame_augment's batched tensor ops on the device, alternating.
+`detector` times the detector's training step (detector.fit's: a batch of real faces and G's
+fakes, augmented, forward, backward, AdamW, on --arch at --image-size) with the per-image PIL
+augmentations it had before and with blends.frame_augment's batched tensor ops, alternating.
 
 `video` times detect.py's decoding of the sampled frames against seeking to each frame and
 against decoding every frame, then the whole pipeline (decode, find faces, score) on 32
@@ -294,7 +294,7 @@ def pil_frame_augment(images, generator):
             im.save(buffer, format="JPEG", quality=int(torch.randint(30, 96, (), generator=generator)))
             im = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
         out.append(np.asarray(im))
-    # back to the batch's device, as fine_tune needed it: the copy is part of this path's cost
+    # back to the batch's device, as training needs it: the copy is part of this path's cost
     return data.to_float(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)).to(images.device)
 
 

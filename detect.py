@@ -5,7 +5,7 @@
     python detect.py crops/ --faces none --checkpoint RUN      # inputs that are already face crops
     python detect.py videos/real --extract faces/real           # face crops for training, no model
 
-A score is P(fake) = sigmoid(-logit) of the detector (detector.py). Faces are followed
+A score is P(fake) = sigmoid(logit) of the detector (detector.py). Faces are followed
 across the sampled frames, and only the main track (--max-faces tracks) counts: a frame's
 score is its highest score among them; a video's score is the mean over the sampled frames
 that show such a face, and its verdict compares that with the detector's threshold.

@@ -28,6 +28,7 @@ once, at the end. The run folder gets detector.pt (what detect.py and evaluate.p
 detector.json (the split and the reports), training.pt (for --resume) and TensorBoard curves.
 """
 
+import argparse
 import json
 import os
 import re
@@ -95,9 +96,10 @@ def get_args_parser():
     g.add_argument("--weights", default=None, metavar="FILE", help="start from this torchvision ImageNet state dict of --arch (a local file)")
     g.add_argument("--epochs", type=at_least(1), default=14, help="passes over the training faces (the real ones and as many fakes)")
     g.add_argument("--batch", type=at_least(4), default=64, help="faces per step, half real, half fake")
-    g.add_argument("--lr", type=at_least(1e-12, float), default=2e-3, help="peak learning rate (AdamW; Adam at 2e-4 suits dcgan)")
+    g.add_argument("--lr", type=at_least(1e-12, float), default=1e-3, help="peak learning rate (AdamW; Adam at 2e-4 suits dcgan)")
     g.add_argument("--eval-every", type=at_least(1), default=None, help="score the validation parts every N steps and keep the best (default: 8 times a run)")
-    g.add_argument("--save-every", type=at_least(1, float), default=120.0, help="save the training state every N seconds, for --resume")
+    g.add_argument("--save-every", type=at_least(0, float), default=120.0,
+                   help="save the training state every N seconds (0: every step), so that --resume loses at most that much")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches")
     add_device_flag(g)
     return p
@@ -133,18 +135,13 @@ class Part:
 def face_jobs(items, args, framing, as_crops):
     """cache.many_media_faces jobs: images used as they are (face crops), videos and --real photos through the finder."""
     flags = {"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces}
-    finder, settings = faces.from_flags(argparse_namespace(flags), framing, quiet=True)
+    finder, settings = faces.from_flags(argparse.Namespace(**flags), framing, quiet=True)
     jobs = []
     for path in items:
         crop = as_crops and media_kind(path) == "image"
         jobs.append((path, media_kind(path), None if crop else flags, framing, {"faces": "none"} if crop else settings,
                      args.frames, args.image_size, args.cache_dir))
     return jobs
-
-
-def argparse_namespace(d):
-    import argparse
-    return argparse.Namespace(**d)
 
 
 def load_faces(paths, args, framing, as_crops, desc):
@@ -269,7 +266,7 @@ def pick_out_dir(args):
 def resume_args(args):
     """--resume DIR -> the run's own flags (the device and --save-every may change) and its training state."""
     state = checkpoint.load_detector_training(args.resume)
-    stored = argparse_namespace(state["args"])
+    stored = argparse.Namespace(**state["args"])
     stored.device, stored.save_every, stored.resume, stored.out = args.device, args.save_every, args.resume, args.resume
     return stored, state
 

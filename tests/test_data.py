@@ -107,3 +107,46 @@ def test_synthetic_faces_are_seeded():
     assert torch.equal(a[3][0], b[3][0])
     assert not torch.equal(a[3][0], a[2][0])
     assert not torch.equal(a[3][0], data.SyntheticFaces(4, 32, seed=1)[3][0])
+
+
+# -----------------------------------------------------------------------------
+# labelled data for the detector: split by group
+
+def test_no_video_and_no_identity_lands_in_two_parts():
+    items = [(f"/d/{c}/{name}_{k}.mp4", label, data.identities_of(f"{name}_{k}")) for name in "ABCDEFGHIJ" for k in range(3)
+             for c, label in (("real", 0), ("fake", 1))]
+    for seed in range(5):
+        parts, names = data.split_by_group(items, valid=0.2, test=0.2, seed=seed)
+        files = [f for part in parts.values() for f, _ in part]
+        assert sorted(files) == sorted(f for f, _, _ in items)  # every file once
+        owner = {}
+        for part, chosen in parts.items():
+            assert {label for _, label in chosen} == {0, 1}
+            for f, _ in chosen:
+                assert owner.setdefault(data.identities_of(f)[0], part) == part  # A_0, A_1, A_2 in one part
+        assert set(names["test"]).isdisjoint(names["train"]) and set(names["valid"]).isdisjoint(names["train"])
+
+
+def test_group_by_regex_and_default_stem():
+    assert data.identities_of("x/Keanu_Reeves_0.mp4") == data.identities_of("y/Keanu_Reeves_1.mp4") == ["Keanu_Reeves"]
+    assert data.identities_of("clip-07-take2.mp4", r"clip-(\d+)") == ["07"]
+    assert data.identities_of("000_003.mp4", r"\d+") == ["000", "003"]  # FaceForensics++: target 000's frames, 003's face
+
+
+def test_a_file_showing_two_identities_joins_their_groups():
+    # FaceForensics++ names: a fake NNN_MMM shows the frames of NNN and the face of MMM
+    items = [(f"/d/real/{i:03d}.mp4", 0) for i in range(10)] + [(f"/d/fake/{i:03d}_{(i + 1) % 10:03d}.mp4", 1) for i in range(0, 10, 2)]
+    items = [(p, label, data.identities_of(p, r"\d+")) for p, label in items]
+    parts, names = data.split_by_group(items, valid=0.2, test=0.2, seed=3)
+    where = {}
+    for part, chosen in parts.items():
+        for path, _ in chosen:
+            for ident in data.identities_of(path, r"\d+"):
+                assert where.setdefault(ident, part) == part, f"{ident} is in {where[ident]} and {part}"
+
+
+def test_too_few_identities_to_split_is_one_clear_error():
+    items = [(p, label, data.identities_of(p)) for p, label in
+             [("/d/real/A_0.mp4", 0), ("/d/fake/A_0.mp4", 1), ("/d/real/B_0.mp4", 0), ("/d/fake/B_0.mp4", 1)]]
+    with pytest.raises(UserError, match="cannot split 2 groups"):
+        data.split_by_group(items, valid=0.3, test=0.3)

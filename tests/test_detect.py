@@ -215,6 +215,20 @@ def test_annotated_video_keeps_every_frame(tmp_path, checkpoint):
         assert colour(decode_all(out / "face.annotated.mp4")[0]) > 50
 
 
+def test_extract_follows_each_person_across_frames(tmp_path):
+    video = write_video(tmp_path / "two.mp4", 6, draw=two_faces)
+    crops = tmp_path / "crops"
+    assert run_detect([video, "--extract", str(crops), "--frames", "3", "--max-faces", "2", "--faces", "haar"]) == 0
+    files = sorted(os.listdir(crops))
+    assert files == [f"two_{i:06d}_{t}.png" for i in sample_indices(6, 3) for t in (0, 1)]  # a crop per person per frame
+    # a track keeps its person: the drawings differ, so each track's crops are alike and unlike the other's
+    pixels = {f: np.asarray(Image.open(crops / f).convert("L").resize((32, 32)), dtype=float) for f in files}
+    by_track = [[pixels[f] for f in files if f.endswith(f"_{t}.png")] for t in (0, 1)]
+    within = max(np.abs(a - b).mean() for crops_of in by_track for a in crops_of for b in crops_of)
+    across = min(np.abs(a - b).mean() for a in by_track[0] for b in by_track[1])
+    assert within < across
+
+
 def test_extracted_crops_are_the_scored_crops(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 20)
     crops = tmp_path / "crops"

@@ -140,3 +140,21 @@ def test_a_wrong_weights_file_is_a_user_error(tmp_path):
         metrics.load_inception(str(path))
     with pytest.raises(metrics.UserError, match="does not exist"):
         metrics.load_inception(str(tmp_path / "missing.pth"))
+
+
+def test_the_threshold_is_the_one_validation_picks():
+    scores = [0.05, 0.2, 0.3, 0.62, 0.4, 0.7, 0.8, 0.9]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    t = metrics.pick_threshold(scores, labels)
+    # best balanced accuracy: all fakes caught with one false alarm (0.62) at 0.4, or none at 0.7 with one fake missed;
+    # the first point of the tie, 0.7 (J = 0.75), sits halfway to the next score below it, 0.62
+    assert t == pytest.approx((0.7 + 0.62) / 2)
+    assert metrics.detection_metrics(scores, labels, t)["accuracy"] == 7 / 8
+
+
+def test_pairs_compare_each_fake_with_its_own_real_video():
+    scores = {"/d/real/a.mp4": 0.2, "/d/fake/a.mp4": 0.5,   # caught
+              "/d/real/b.mp4": 0.6, "/d/fake/b.mp4": 0.4,   # the fake looks more real than its twin
+              "/d/real/c.mp4": 0.1, "/d/fake/x.mp4": 0.9,   # no twins
+              "/d/real/d.mp4": None, "/d/fake/d.mp4": 0.3}  # no face in the real one: not a pair
+    assert metrics.pair_wins(scores, "/d") == (1, 2)

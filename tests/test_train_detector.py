@@ -1,5 +1,6 @@
-"""train_detector.py and evaluate.py --videos on tiny videos made here: the split, self-blended faces, the threshold, detector.pt."""
+"""train_detector.py, evaluate.py --videos/--faces and detect.py's shipped detector, on tiny videos and face crops made here."""
 
+import csv
 import json
 import os
 import random
@@ -15,14 +16,16 @@ import data
 import detect
 import detector
 import evaluate
-import main
 import metrics
 import train_detector
 from cli import UserError, run_cli
-from helpers import train_args
+from helpers import write_video
+from models import Generator
+
+ARCH = "mobilenet_v3_large"  # the default network, with its dropout: a resumed run must restore the RNG it draws from
 
 
-def tiny_video(path, n=6, seed=0, size=48):
+def tiny_video(path, n=3, seed=0, size=32):
     """A few frames of a drawn face, whole-frame (the tests score with --faces none)."""
     face = np.asarray(data.draw_face(random.Random(seed), size))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -30,14 +33,13 @@ def tiny_video(path, n=6, seed=0, size=48):
         stream = out.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
         for i in range(n):
-            frame = np.roll(face, i, axis=1)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(face, i, axis=1)), format="rgb24")))
         out.mux(stream.encode())
     return str(path)
 
 
-def labelled_folder(root, identities=("Ann", "Bob", "Cid", "Dee", "Eve"), per_identity=2):
-    """root/real/NAME_k.mp4 and root/fake/NAME_k.mp4, each a different drawn face."""
+def video_folder(root, identities=("Ann", "Bob", "Cid", "Dee", "Eve"), per_identity=2):
+    """root/real/NAME_k.mp4 and root/fake/NAME_k.mp4, each a different drawn face: the DeepFaceLive pairs' shape."""
     for j, name in enumerate(identities):
         for k in range(per_identity):
             tiny_video(root / "real" / f"{name}_{k}.mp4", seed=10 * j + k)
@@ -45,163 +47,221 @@ def labelled_folder(root, identities=("Ann", "Bob", "Cid", "Dee", "Eve"), per_id
     return root
 
 
-@pytest.fixture(scope="module")
-def gan_run(tmp_path_factory):
-    logdir = tmp_path_factory.mktemp("runs")
-    assert main.main(train_args(logdir, "--epochs", "1", "--run-name", "r")) == 0
-    return str(logdir / "r")
+def crop_folder(root, groups=10):
+    """root/real/*.png and root/fake/*.png with a faces.csv whose groups pair each fake with its real: dfdc-faces' shape."""
+    rows = []
+    for g in range(groups):
+        for label, seed in (("real", g), ("fake", g + 300)):
+            os.makedirs(root / label, exist_ok=True)
+            name = f"{label}/f{g:02d}.png"
+            data.draw_face(random.Random(seed), 40).save(root / name)
+            rows.append({"file": name, "label": label, "group": f"video{g}", "source_size": "40x40"})
+    with open(root / "faces.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=("file", "label", "group", "source_size"))
+        w.writeheader()
+        w.writerows(rows)
+    return root
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return labelled_folder(tmp_path_factory.mktemp("videos"))
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return video_folder(root / "videos"), crop_folder(root / "crops")
 
 
-TINY = ["--faces", "none", "--frames", "3", "--image-size", "32", "--steps", "3", "--batch", "4", "--eval-every", "2",
-        "--real-images", "8"]
+def tiny(tmp_path, *extra):
+    return ["--faces", "none", "--frames", "3", "--image-size", "32", "--epochs", "1", "--batch", "8", "--workers", "1",
+            "--arch", ARCH, "--cache-dir", str(tmp_path / "cache"), "--valid", "0.2", "--test", "0.2", *extra]
 
 
-def test_no_video_and_no_identity_lands_in_two_parts():
-    items = [(f"/d/{c}/{name}_{k}.mp4", label) for name in "ABCDEFGHIJ" for k in range(3)
-             for c, label in (("real", 0), ("fake", 1))]
-    for seed in range(5):
-        parts, names = data.split_by_group(items, valid=0.2, test=0.2, seed=seed)
-        files = [f for part in parts.values() for f, _ in part]
-        assert sorted(files) == sorted(f for f, _ in items)  # every file once
-        owner = {}
+def test_every_source_labels_its_fakes_1():
+    dark = detector.Pool("real", np.zeros((6, 32, 32, 3), np.uint8), np.full((6, 5, 2), np.nan, np.float32))
+    bright = detector.Pool("fake", np.full((6, 32, 32, 3), 255, np.uint8), np.full((6, 5, 2), np.nan, np.float32))
+    G = Generator(nz=8, ngf=8, image_size=32).eval()
+    batches = detector.Batches([dark], {"labelled": [bright], "sbi": [dark], "gan": [G]}, batch=12, image_size=32,
+                               framing_scale=1.15, nz=8)
+    x, y = next(batches)
+    assert y.tolist() == [0] * 6 + [1] * 6  # real first, then labelled, self-blended and GAN fakes, two each
+    means = x.mean((1, 2, 3))
+    assert (means[:6] < -0.9).all() and (means[6:8] > 0.9).all()  # the real faces are the dark ones, the labelled fakes bright
+    assert x.shape == (12, 3, 32, 32)
+
+
+def test_groups_from_faces_csv_stay_in_one_part(folders):
+    _, crops = folders
+    items = data.labelled_media(str(crops), data.IMAGE_EXTENSIONS)
+    assert len(items) == 20 and {tuple(g) for _, _, g in items} == {(f"video{g}",) for g in range(10)}
+    for seed in range(4):
+        parts, groups = data.split_by_group(items, valid=0.2, test=0.2, seed=seed)
+        where = {}
         for part, chosen in parts.items():
             assert {label for _, label in chosen} == {0, 1}
-            for f, _ in chosen:
-                assert owner.setdefault(data.identities_of(f)[0], part) == part  # A_0, A_1, A_2 in one part
-        assert set(names["test"]).isdisjoint(names["train"]) and set(names["valid"]).isdisjoint(names["train"])
+            for path, _ in chosen:
+                group = next(g for p, _, g in items if p == path)[0]
+                assert where.setdefault(group, part) == part, f"{group} in {where[group]} and {part}"
 
 
-def test_group_by_regex_and_default_stem():
-    assert data.identities_of("x/Keanu_Reeves_0.mp4") == data.identities_of("y/Keanu_Reeves_1.mp4") == ["Keanu_Reeves"]
-    assert data.identities_of("clip-07-take2.mp4", r"clip-(\d+)") == ["07"]
-    assert data.identities_of("000_003.mp4", r"\d+") == ["000", "003"]  # FaceForensics++: target 000's frames, 003's face
+def test_a_faces_csv_with_bad_rows_is_one_sentence(tmp_path):
+    root = crop_folder(tmp_path / "crops", groups=2)
+    with open(root / "faces.csv", "a") as f:
+        f.write("real/missing.png,real,video9,1x1\nfake/f00.png,maybe,video0,1x1\n")
+    with pytest.raises(UserError, match="2 rows cannot be used"):
+        data.labelled_media(str(root), data.IMAGE_EXTENSIONS)
 
 
-def test_a_file_showing_two_identities_joins_their_groups():
-    # FaceForensics++ names: a fake NNN_MMM shows the frames of NNN and the face of MMM
-    items = [(f"/d/real/{i:03d}.mp4", 0) for i in range(10)] + [(f"/d/fake/{i:03d}_{(i + 1) % 10:03d}.mp4", 1) for i in range(0, 10, 2)]
-    parts, names = data.split_by_group(items, pattern=r"\d+", valid=0.2, test=0.2, seed=3)
-    where = {}
-    for part, chosen in parts.items():
-        for path, _ in chosen:
-            for ident in data.identities_of(path, r"\d+"):
-                assert where.setdefault(ident, part) == part, f"{ident} is in {where[ident]} and {part}"
+def train(tmp_path, folders, *extra, out="run"):
+    videos, crops = folders
+    argv = ["--data", str(videos), "--data", str(crops), "--out", str(tmp_path / out), *tiny(tmp_path), *extra]
+    return train_detector.main(argv), str(tmp_path / out)
 
 
-def test_too_few_identities_to_split_is_one_clear_error():
-    items = [("/d/real/A_0.mp4", 0), ("/d/fake/A_0.mp4", 1), ("/d/real/B_0.mp4", 0), ("/d/fake/B_0.mp4", 1)]
-    with pytest.raises(UserError, match="cannot split 2 identities"):
-        data.split_by_group(items, valid=0.3, test=0.3)
+def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_evaluate_agree_with(tmp_path, folders, monkeypatch):
+    videos, crops = folders
+    status, out = train(tmp_path, folders)
+    assert status == 0
+    model, threshold, kind, info = checkpoint.load_detector(out)
+    assert kind == "trained detector" and info["arch"] == ARCH and info["image_size"] == 32 and info["framing"] == detector.FRAMING
+    assert set(info["folders"]) == {str(videos), str(crops)}
+    for entry in info["folders"].values():  # no group in two parts
+        groups = {part: set(entry["split"][part]["groups"]) for part in ("train", "valid", "test")}
+        assert not (groups["train"] & groups["valid"]) and not (groups["train"] & groups["test"]) and not (groups["valid"] & groups["test"])
+    # the threshold is the one the validation files of both folders pick
+    valid = [f for entry in info["folders"].values() for f in entry["valid"]["files"].values()]
+    assert threshold == pytest.approx(metrics.pick_threshold([f["score"] for f in valid], [f["label"] for f in valid]))
 
+    # detect.py scores a held-out video as training's report did
+    video_entry = info["folders"][str(videos)]
+    test_video = os.path.join(str(videos), video_entry["split"]["test"]["files"][0])
+    assert detect.main([test_video, "--checkpoint", out, "--out", str(tmp_path / "report")]) == 0
+    scored = json.loads((tmp_path / "report" / (os.path.splitext(os.path.basename(test_video))[0] + ".json")).read_text())
+    assert scored["frames_scored"] == 3  # the detector's own frames and finder (none), with no flag given
+    assert scored["score"] == pytest.approx(video_entry["test"]["files"][test_video]["score"], abs=1e-5)
 
-def test_a_self_blended_face_differs_only_inside_its_mask():
-    faces = torch.stack([data.preprocess(64)(data.draw_face(random.Random(i), 64)) for i in range(6)])
-    faces = data.quantize(faces)
-    blended, mask = detector.self_blend(faces, torch.Generator().manual_seed(0))
-    changed = (blended - faces).abs().amax(dim=1, keepdim=True) > 1e-6
-    assert changed.any()
-    assert not (changed & (mask < 1e-3)).any()  # outside the mask, every pixel is the source's
-    assert torch.equal(blended, data.quantize(blended))  # 8-bit like a real frame
-    # and the batches call it fake
-    real = data.to_uint8(faces).permute(0, 2, 3, 1).numpy()
-    batches = detector.Batches(real, None, None, [], ["sbi"], batch=4, image_size=64, nz=8, device="cpu", seed=0)
-    x, y = next(batches)
-    assert x.shape == (8, 3, 64, 64) and y.tolist() == [0] * 4 + [1] * 4
-
-
-def test_the_threshold_is_the_one_validation_picks():
-    scores = [0.05, 0.2, 0.3, 0.62, 0.4, 0.7, 0.8, 0.9]
-    labels = [0, 0, 0, 0, 1, 1, 1, 1]
-    t = metrics.pick_threshold(scores, labels)
-    # best balanced accuracy: all fakes caught with one false alarm (0.62) at 0.4, or none at 0.7 with one fake missed;
-    # the first point of the tie, 0.7 (J = 0.75), sits halfway to the next score below it, 0.62
-    assert t == pytest.approx((0.7 + 0.62) / 2)
-    assert metrics.detection_metrics(scores, labels, t)["accuracy"] == 7 / 8
-
-
-def test_train_detector_writes_a_detector_that_detect_uses_at_its_size(tmp_path, gan_run, folder, monkeypatch):
-    out = tmp_path / "det.pt"
-    monkeypatch.chdir(folder.parent)  # --data as a user types it, relative to where they are
-    assert train_detector.main([gan_run, "--data", folder.name, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                                "--valid", "0.2", "--test", "0.2", *TINY, "--image-size", "64"]) == 0
+    # evaluate.py reproduces the test parts, per file and (for the crops) per face
     monkeypatch.chdir(tmp_path)
-    model, threshold, kind, info = checkpoint.load_detector(str(out))
-    assert kind == "trained detector" and info["image_size"] == 64 and info["sources"] == ["labelled", "sbi", "gan"]
-    assert set(info["split"]) == {"train", "valid", "test"}
-    ident = {part: set(info["split"][part]["identities"]) for part in info["split"]}
-    assert not (ident["train"] & ident["valid"]) and not (ident["train"] & ident["test"]) and not (ident["valid"] & ident["test"])
-    # the stored threshold is the one picked on the validation videos' scores
-    valid = info["valid"]["videos"]
-    assert threshold == pytest.approx(metrics.pick_threshold([v["score"] for v in valid.values()], [v["label"] for v in valid.values()]))
-    with open(tmp_path / "det.json") as f:
-        assert json.load(f)["split"]["test"]["files"] == info["split"]["test"]["files"]
-
-    # detect.py scores at the detector's 64x64, the same score the training code gives that video
-    video = os.path.join(folder.name, info["split"]["test"]["files"][0])
-    report = tmp_path / "report"
-    monkeypatch.chdir(folder.parent)
-    assert detect.main([video, "--checkpoint", str(out), "--faces", "none", "--frames", "3", "--out", str(report)]) == 0
-    with open(report / (os.path.splitext(os.path.basename(video))[0] + ".json")) as f:
-        scored = json.load(f)
-    assert scored["score"] == pytest.approx(info["test"]["videos"][video]["score"], abs=1e-5)
-    monkeypatch.chdir(tmp_path)  # evaluate.py from elsewhere, given the folder another way, finds the same files
-
-    # evaluate.py --videos --part test scores exactly the held-out files
-    with pytest.raises(UserError, match="--part needs a detector.pt written by train_detector.py"):
-        evaluate.main([gan_run, "--videos", str(folder), "--part", "test"])  # the run has only its raw discriminator
-    shutil.copy(out, os.path.join(gan_run, "detector.pt"))
-    assert evaluate.main([gan_run, "--videos", str(folder), "--part", "test", "--cache-dir", str(tmp_path / "cache")]) == 0
-    with open(os.path.join(gan_run, f"detector-videos-{folder.name}-test.json")) as f:
-        evaluated = json.load(f)
-    assert sorted(os.path.relpath(f, folder) for f in evaluated["files"]) == sorted(info["split"]["test"]["files"])
-    assert evaluated["overall"]["auc"] == pytest.approx(info["test"]["auc"])
-    os.remove(os.path.join(gan_run, "detector.pt"))
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert evaluate.main([out, "--videos", str(videos), "--part", "test", *cache]) == 0
+    evaluated = json.loads((tmp_path / "run" / "detector-videos-videos-test.json").read_text())
+    assert sorted(evaluated["files"]) == sorted(video_entry["test"]["files"])
+    for path, entry in evaluated["files"].items():
+        assert entry["score"] == pytest.approx(video_entry["test"]["files"][path]["score"], abs=1e-5)
+    assert evaluate.main([out, "--faces", str(crops), "--part", "test", *cache]) == 0
+    faces = json.loads((tmp_path / "run" / "detector-faces-crops-test.json").read_text())
+    crop_entry = info["folders"][str(crops)]
+    assert faces["overall"]["auc"] == pytest.approx(crop_entry["test"]["overall"]["auc"])
+    assert faces["frames"]["n_real"] + faces["frames"]["n_fake"] == len(crop_entry["split"]["test"]["files"])  # a face a crop
 
 
-def test_a_corrupt_video_costs_one_line_and_training_goes_on(tmp_path, gan_run, capsys):
-    root = labelled_folder(tmp_path / "data")
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, folders, monkeypatch):
+    assert train(tmp_path, folders, "--epochs", "2", "--eval-every", "3", out="whole")[0] == 0
+    real_next, calls = detector.Batches.__next__, [0]
+
+    def killed_at_step_5(self):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise RuntimeError("killed")  # as kill -9 would stop it, after step 4 was saved
+        return real_next(self)
+
+    monkeypatch.setattr(detector.Batches, "__next__", killed_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tmp_path, folders, "--epochs", "2", "--eval-every", "3", "--save-every", "0", out="part")
+    monkeypatch.setattr(detector.Batches, "__next__", real_next)
+    assert not os.path.exists(tmp_path / "part" / "detector.pt")
+    assert checkpoint.load_detector_training(str(tmp_path / "part"))["progress"]["step"] == 4
+    assert train_detector.main(["--resume", str(tmp_path / "part")]) == 0
+    whole, part = (checkpoint.load_detector_training(str(tmp_path / name)) for name in ("whole", "part"))
+    assert whole["progress"]["step"] == part["progress"]["step"] > 4
+    for k, v in whole["model"].items():
+        assert torch.equal(v, part["model"][k]), k
+    assert whole["progress"]["best_step"] == part["progress"]["best_step"]
+
+
+def test_the_gans_detector_and_train_detector_go_through_the_same_loop(tmp_path, folders, monkeypatch):
+    real_fit, callers = detector.fit, []
+    monkeypatch.setattr(detector, "fit", lambda model, *a, **k: callers.append(model.arch) or real_fit(model, *a, **k))
+    assert train(tmp_path, folders)[0] == 0
+    G = Generator(nz=8, ngf=8, image_size=32)
+    D = detector.build("dcgan", 32, ndf=8).net
+    reals = (torch.rand(4, 3, 32, 32) * 2 - 1 for _ in iter(int, 1))
+    det = detector.train_on_gan(D, 8, 32, [G], reals, steps=2, nz=8, device="cpu")
+    assert callers == [ARCH, "dcgan"] and not det.training
+
+
+def test_detect_without_a_checkpoint_uses_the_shipped_detector_its_size_and_framing(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = detector.build(ARCH, 48)
+    framing = {"scale": 1.6, "shift": 0.1}
+    dcfg = checkpoint.detector_config(ARCH, 48, framing=framing, faces={"faces": "haar", "detect_size": 320, "max_faces": 1}, frames=4)
+    shipped = tmp_path / "shipped.pt"
+    checkpoint.save_detector(str(shipped), model.eval(), 0.5, dcfg, method="trained")
+    monkeypatch.setattr(detect, "SHIPPED_DETECTOR", str(shipped))
+    seen = []
+    real_forward = detector.Detector.forward
+    monkeypatch.setattr(detector.Detector, "forward", lambda self, x: seen.append(tuple(x.shape[1:])) or real_forward(self, x))
+    video = write_video(tmp_path / "face.mp4", 12)
+    assert detect.main([video, "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "face.json").read_text())
+    assert result["frames_sampled"] == 4 and seen and set(seen) == {(3, 48, 48)}
+    face = result["frames"][0]["faces"][0]
+    # the square is the stored framing, in the Haar cascade's box units
+    haar = __import__("faces").set_framing(__import__("faces").Haar(), framing)
+    assert face["crop"][2] == min(round(face["box"][2] * haar.crop_scale), 120)
+    # missing or damaged, the shipped detector is one sentence
+    shipped.write_bytes(b"not a detector")
+    assert run_cli(detect.main, [video]) == 2
+    os.remove(shipped)
+    with pytest.raises(UserError, match="is missing; restore it"):
+        detect.main([video])
+
+
+def test_the_shipped_detector_is_small_and_loads():
+    path = checkpoint.SHIPPED_DETECTOR
+    assert os.path.getsize(path) <= 20 * 2**20
+    model, threshold, kind, info = checkpoint.load_detector(path)
+    assert info["framing"] == detector.FRAMING and 0 < threshold < 1 and model(torch.zeros(1, 3, info["image_size"], info["image_size"])).shape == (1,)
+
+
+def test_a_corrupt_video_costs_one_line_and_training_goes_on(tmp_path, capsys):
+    root = video_folder(tmp_path / "data")
     (root / "fake" / "Ann_9.mp4").write_bytes(b"not a video at all")
-    out = tmp_path / "det.pt"
-    assert train_detector.main([gan_run, "--data", str(root), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY,
-                                "--no-gan-fakes", "--init", "random"]) == 0
+    status, out = 0, str(tmp_path / "run")
+    status = train_detector.main(["--data", str(root), "--out", out, *tiny(tmp_path), "--no-labelled-fakes"])
+    assert status == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "Ann_9.mp4" in line]
     assert len(err) == 1 and "left out" in err[0]
-    assert checkpoint.load_detector(str(out))[3]["sources"] == ["labelled", "sbi"]
+    assert checkpoint.load_detector(out)[3]["args"]["labelled_fakes"] is False
 
 
 @pytest.mark.parametrize("make, argv, phrase", [
     (lambda root: os.makedirs(root / "real"), [], "needs two subfolders, real/ and fake/"),
-    (lambda root: labelled_folder(root, identities=("Ann", "Bob")), [], "cannot split 2 identities"),
-    (lambda root: labelled_folder(root), ["--no-labelled-fakes", "--no-sbi", "--no-gan-fakes"], "every source of fakes is switched off"),
-    (lambda root: labelled_folder(root), ["--valid", "0"], "--valid 0 leaves no validation videos"),
-    (lambda root: labelled_folder(root), ["--group-by", "("], "argument --group-by: is not a regular expression"),
+    (lambda root: video_folder(root, identities=("Ann", "Bob")), [], "cannot split 2 groups"),
+    (lambda root: video_folder(root), ["--no-labelled-fakes", "--no-sbi"], "every source of fakes is switched off"),
+    (lambda root: video_folder(root), ["--valid", "0"], "--valid 0 leaves no validation files"),
+    (lambda root: video_folder(root), ["--gan-fakes"], "--gan-fakes needs --gan RUN"),
+    (lambda root: video_folder(root), ["--arch", "dcgan"], "--arch dcgan starts from a GAN's discriminator"),
+    (lambda root: video_folder(root), ["--group-by", "("], "argument --group-by: is not a regular expression"),
 ])
-def test_bad_data_gets_one_line(tmp_path, gan_run, capsys, make, argv, phrase):
+def test_bad_data_gets_one_line(tmp_path, capsys, make, argv, phrase):
     make(tmp_path / "data")
     try:
-        status = run_cli(train_detector.main, [gan_run, "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c"), *TINY, *argv])
+        status = run_cli(train_detector.main, ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *tiny(tmp_path), *argv])
     except SystemExit as e:  # argparse's own one-line error for a flag it cannot parse
         status = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and phrase in err[0]
-    assert not os.path.exists(os.path.join(gan_run, "detector.pt"))
+    assert not os.path.exists(tmp_path / "run" / "detector.pt")
 
 
-def test_a_run_that_is_not_a_run_folder_gets_one_line(tmp_path, folder, capsys):
+def test_resume_of_a_folder_without_a_training_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert run_cli(train_detector.main, [str(tmp_path / "empty"), "--data", str(folder)]) == 2
+    assert run_cli(train_detector.main, ["--resume", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds no checkpoint.pt" in err[0]
+    assert len(err) == 1 and "holds no training.pt" in err[0]
 
 
-def test_pairs_compare_each_fake_with_its_own_real_video():
-    scores = {"/d/real/a.mp4": 0.2, "/d/fake/a.mp4": 0.5,   # caught
-              "/d/real/b.mp4": 0.6, "/d/fake/b.mp4": 0.4,   # the fake looks more real than its twin
-              "/d/real/c.mp4": 0.1, "/d/fake/x.mp4": 0.9,   # no twins
-              "/d/real/d.mp4": None, "/d/fake/d.mp4": 0.3}  # no face in the real one: not a pair
-    assert metrics.pair_wins(scores, "/d") == (1, 2)
+def test_evaluate_part_of_a_folder_the_detector_never_saw_is_one_line(tmp_path, folders):
+    shutil.copytree(folders[0], tmp_path / "elsewhere")
+    model = detector.build(ARCH, 32)
+    checkpoint.save_detector(str(tmp_path / "detector.pt"), model, 0.5, checkpoint.detector_config(ARCH, 32))
+    with pytest.raises(UserError, match="stores the split"):
+        evaluate.main([str(tmp_path / "detector.pt"), "--videos", str(tmp_path / "elsewhere"), "--part", "test"])
