@@ -160,3 +160,20 @@ def test_weights_from_a_local_torchvision_state_dict(tmp_path):
     (tmp_path / "text.pth").write_text("not a state dict")
     with pytest.raises(UserError, match="cannot read --weights"):
         checkpoint.load_weights_file(str(tmp_path / "text.pth"))
+
+
+def test_pretrained_takes_torchvisions_weights_and_a_failed_download_is_one_sentence(monkeypatch):
+    import argparse
+    import torchvision
+    import train_detector
+    torch.manual_seed(1)
+    imagenet = torchvision.models.get_model("regnet_y_400mf").state_dict()
+    monkeypatch.setattr(detector, "imagenet_weights", lambda arch: imagenet)  # what torchvision would download
+    args = argparse.Namespace(arch="regnet_y_400mf", image_size=32, weights=None, pretrained=True)
+    assert torch.equal(train_detector.make_model(args, None).net.stem[0].weight, imagenet["stem.0.weight"])
+
+    def offline(arch):
+        raise OSError("no network")
+    monkeypatch.setattr(detector, "imagenet_weights", offline)
+    with pytest.raises(UserError, match="--pretrained could not get torchvision's ImageNet weights"):
+        train_detector.make_model(args, None)
