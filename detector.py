@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from blends import frame_augment, self_blend, default_landmarks
 from data import normalize_uint8, quantize
@@ -72,8 +73,7 @@ def build(arch, image_size, *, ndf=64, weights=None):
     1000-class ImageNet network to start from (None: from scratch, or, for dcgan, the caller copies the GAN's D)."""
     if arch == "dcgan":
         return Detector(Discriminator(ndf=ndf, channels=3, image_size=image_size), arch)
-    import torchvision
-    if weights is None:
+    if weights is None:  # torchvision's networks take any input size: image_size is the dcgan's alone
         return Detector(torchvision.models.get_model(arch, weights=None, num_classes=1), arch)
     net = torchvision.models.get_model(arch, weights=None)
     net.load_state_dict(weights, strict=True)  # the caller turns a mismatch into one sentence
@@ -85,7 +85,6 @@ def build(arch, image_size, *, ndf=64, weights=None):
 
 def imagenet_weights(arch):
     """torchvision's ImageNet weights for arch, downloaded (or taken from torch's cache) where the machine can."""
-    import torchvision
     return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
 
 
