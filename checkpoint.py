@@ -23,7 +23,7 @@ import re
 import torch
 
 import detector
-from cli import UserError, make_folder, write_atomically
+from cli import UserError, make_folder, write_atomically, write_or_keep
 from faces import CELEBA_FRAMING
 from models import Generator, build_models
 
@@ -39,17 +39,18 @@ SHAPE_KEYS = ("nz", "ngf", "ndf", "channels", "image_size")  # what a run's netw
 SHIPPED_DETECTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detectors", "default.pt")
 
 
-def save(state, path, kind):
+def save(state, path, kind, keep=False):
     """Write to a temporary file and rename it, so a crash mid-write never destroys the last good one.
 
     A full disk or an unwritable folder is the user's to fix: one sentence naming the folder,
-    and no partial temporary file left behind.
+    and no partial temporary file left behind. keep: a file that took long to make is then
+    saved elsewhere (cli.write_or_keep) and the sentence says where.
     """
     missing = [k for k in KEYS[kind] if k not in state]
     assert not missing, f"a {kind} checkpoint needs {missing}"
     assert "kind" not in state and "format" not in state, "the format's own keys"
     state = {"format": FORMAT, "kind": kind, **state}
-    write_atomically(path, lambda f: torch.save(state, f))
+    (write_or_keep if keep else write_atomically)(path, lambda f: torch.save(state, f))
 
 
 def resolve(path):
@@ -160,9 +161,9 @@ def build_detector(dcfg):
     return detector.build(dcfg["arch"], dcfg["image_size"], ndf=dcfg.get("ndf", 64))
 
 
-def save_detector(path, model, threshold, dcfg, **info):
+def save_detector(path, model, threshold, dcfg, keep=False, **info):
     """detector.pt: the weights, how to build them, the threshold on P(fake) and whatever describes how they were made."""
-    save({"detector": model.state_dict(), "detector_config": dcfg, "threshold": float(threshold), **info}, path, "detector")
+    save({"detector": model.state_dict(), "detector_config": dcfg, "threshold": float(threshold), **info}, path, "detector", keep)
 
 
 def _older_detector(ckpt):
