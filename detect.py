@@ -390,6 +390,7 @@ def main(argv=None):
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
+        make_folder(args.tensorboard, "--tensorboard folder")
         writer = SummaryWriter(args.tensorboard)
 
     results, stems, thumbnails = [], {}, {}

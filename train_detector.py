@@ -28,6 +28,7 @@ once, at the end. The run folder gets detector.pt (what detect.py and evaluate.p
 detector.json (the split and the reports), training.pt (for --resume) and TensorBoard curves.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -296,6 +297,7 @@ def finish(model, folders, args, out, progress, minutes, device, writer):
     """The best weights, the threshold from the validation videos, each folder's test report; detector.pt and detector.json."""
     if progress.best is not None:
         model.load_state_dict(progress.best)
+    detector.check_finite(model, progress.best_step or progress.step)  # detector.pt is only ever written from finite weights
     model.eval()
     valid = [parts["valid"] for parts, _ in folders]
     valid_scores = part_scores(model, valid, device)
@@ -319,7 +321,8 @@ def finish(model, folders, args, out, progress, minutes, device, writer):
                                       faces={"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces})
     info = {"method": "trained", "args": vars(args), **report}
     path = os.path.join(out, "detector.pt")
-    checkpoint.save_detector(path, model.cpu(), threshold, dcfg, **info)
+    # hours of training: where detector.pt cannot be written it is saved elsewhere, and the error says where
+    checkpoint.save_detector(path, model.cpu(), threshold, dcfg, keep=True, **info)
     write_atomically(os.path.join(out, "detector.json"), lambda f: f.write(json.dumps(info, indent=1, default=str).encode()))
     return path, threshold, report
 
@@ -361,11 +364,19 @@ def main(argv=None):
     check_args(args)
     out = args.out if state else pick_out_dir(args)
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    gan = load_gan(args, device) if args.gan else None
-    model = make_model(args, gan).to(device, memory_format=torch.channels_last)  # the layout the fast convolutions want
-    folders = [load_folder(root, args, detector.FRAMING) for root in args.data]
-    extra_real = [load_real_photos(root, args, detector.FRAMING) for root in args.real]
+    created = not os.path.isdir(out)
+    make_folder(out, "run folder")  # now, so that an --out that cannot be written is refused before the long loading of faces
+    try:
+        torch.manual_seed(args.seed)
+        gan = load_gan(args, device) if args.gan else None
+        model = make_model(args, gan).to(device, memory_format=torch.channels_last)  # the layout the fast convolutions want
+        folders = [load_folder(root, args, detector.FRAMING) for root in args.data]
+        extra_real = [load_real_photos(root, args, detector.FRAMING) for root in args.real]
+    except UserError:
+        if created:  # a refused run leaves no empty numbered folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
     for parts, groups in folders:
         for name, part in parts.items():
             d = part.describe()
@@ -376,7 +387,6 @@ def main(argv=None):
     steps = args.epochs * max(1, 2 * train_faces // args.batch)  # an epoch: every real training face once, and as many fakes
     opt, schedule = detector.optimizer(model, args.arch, args.lr, steps)
     progress = restore(state, model, opt, schedule, batches) if state else None
-    make_folder(out, "run folder")
     write_atomically(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
           f"on {device}, {args.epochs} epochs of {steps // args.epochs} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")

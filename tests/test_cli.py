@@ -126,3 +126,17 @@ def test_work_that_cannot_be_written_where_asked_is_kept_in_the_current_folder(t
     assert len(err) == 1 and f"cannot write {run / 'detector.pt'} (No space left on device)" in err[0] and str(kept) in err[0]
     assert kept.read_bytes() == b"hours of training" and (here / "run-detector.pt").read_text() == "the user's own file"
     assert os.listdir(run) == []
+
+
+def test_a_detector_run_folder_that_cannot_be_made_is_refused_before_any_data_is_read(tmp_path):
+    (tmp_path / "taken").write_text("a file where the run folder should go")
+    # the data folder does not exist either: the run folder must be what is refused, since it is checked first
+    result = run_program("train_detector.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "taken" / "run"),
+                         "--device", "cpu")
+    assert_one_clear_line(result, "cannot create the run folder", str(tmp_path / "taken" / "run"))
+
+
+def test_a_refused_detector_run_leaves_no_empty_run_folder(tmp_path):
+    result = run_program("train_detector.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

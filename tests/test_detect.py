@@ -353,3 +353,13 @@ def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     assert run_cli(detect.main, [str(tmp_path / "face.png"), "--faces", "none", "--extract", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create the --extract folder" in err[0]
+
+
+def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored(tmp_path, checkpoint, capsys, monkeypatch):
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    video = write_video(tmp_path / "face.mp4", 3)
+    monkeypatch.setattr(detect, "score_input", lambda *a, **k: pytest.fail("scored before the outputs were checked"))
+    argv = [video, "--checkpoint", checkpoint, "--tensorboard", str(tmp_path / "taken" / "tb"), "--device", "cpu"]
+    assert run_cli(detect.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot create the --tensorboard folder {tmp_path / 'taken' / 'tb'}" in err[0]

@@ -160,3 +160,22 @@ def test_weights_from_a_local_torchvision_state_dict(tmp_path):
     (tmp_path / "text.pth").write_text("not a state dict")
     with pytest.raises(UserError, match="cannot read --weights"):
         checkpoint.load_weights_file(str(tmp_path / "text.pth"))
+
+
+@pytest.mark.parametrize("where", ["running_var", "weight"])
+def test_a_diverged_detector_training_stops_before_it_is_kept_or_saved(where):
+    torch.manual_seed(0)
+    model = detector.build("dcgan", 32, ndf=8)
+    opt, schedule = detector.optimizer(model, "dcgan", 1e-4, 10)
+    saved, validated = [], []
+
+    def batches():
+        for i, x in enumerate(endless(drawn_faces(16, 0), 8)):
+            if i == 2:  # step 3 starts from a broken state; a running_var of inf leaves the training-mode loss finite
+                next(v for k, v in model.state_dict().items() if k.endswith(where)).fill_(float("inf"))
+            yield x, torch.tensor([0.0, 1.0] * 4)
+
+    with pytest.raises(UserError, match=f"diverged at step 3 \\(non-finite [a-z0-9.]*{where}"):
+        detector.fit(model, opt, schedule, batches(), steps=10, eval_every=1, save_every=0,
+                     validate=lambda m: (validated.append(1) or 0.5, None), save=lambda p: saved.append(p.step))
+    assert saved == [1, 2] and len(validated) == 2  # the broken weights were neither ranked nor saved
