@@ -151,10 +151,10 @@ def make_folder(path, what="folder"):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the {what} {path} ({e.strerror or e}); "
-                        "give a folder you can write to, or free space on its disk") from None
+        raise CannotWrite(f"cannot create the {what} {path} ({e.strerror or e}); "
+                          "give a folder you can write to, or free space on its disk") from None
     if not os.access(path, os.W_OK | os.X_OK):  # checked now, not when the first file is written after hours of work
-        raise UserError(f"cannot write into the {what} {path} (permission denied); give a folder you can write to")
+        raise CannotWrite(f"cannot write into the {what} {path} (permission denied); give a folder you can write to")
 
 
 def write_atomically(path, write):
