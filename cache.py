@@ -26,7 +26,6 @@ import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -221,8 +220,7 @@ def _decode_chunk(job):
     failed = []
     for i, f in enumerate(files, start=lo):
         try:
-            with Image.open(f) as im:
-                out[i] = np.asarray(crop(im.convert("RGB")))
+            out[i] = np.asarray(crop(data.open_rgb(f)))
         except Exception:  # truncated, not an image, unreadable: the same files data.ImageFiles would skip
             failed.append(i)
     out.flush()
@@ -247,10 +245,8 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     file that cannot be read.
     """
     from faces import media_faces as find_faces  # OpenCV and PyAV, which the GAN's cache does not need
-    try:
-        st = os.stat(path)
-    except OSError as e:  # a dangling link, a file removed since it was listed
-        raise UserError(f"cannot be read ({e.strerror or e})") from None
+    from video import check_input
+    st = check_input(path)  # a file removed since it was listed, a FIFO: named as what it is
     key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
                                      image_size, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "faces")

@@ -1,9 +1,11 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import cache
 import data
 from cli import UserError
 from helpers import write_jpegs
@@ -107,3 +109,13 @@ def test_synthetic_faces_are_seeded():
     assert torch.equal(a[3][0], b[3][0])
     assert not torch.equal(a[3][0], a[2][0])
     assert not torch.equal(a[3][0], data.SyntheticFaces(4, 32, seed=1)[3][0])
+
+
+def test_a_16_bit_greyscale_png_trains_as_its_shades_not_as_white(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    files = [str(tmp_path / "grey16.png")]
+    image, ok = data.ImageFiles(files, 32)[0]
+    assert ok and image.min() == -1 and image.max() == 1 and image.unique().numel() > 200
+    cached = cache.load_or_build(files, 32, str(tmp_path / "cache"), "grey", workers=1)
+    assert torch.equal(cached[0][0], image)  # the cache decodes it the same way

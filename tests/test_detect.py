@@ -363,3 +363,11 @@ def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored
     assert run_cli(detect.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot create the --tensorboard folder {tmp_path / 'taken' / 'tb'}" in err[0]
+
+
+def test_a_fifo_or_a_device_on_the_command_line_is_named_as_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "pipe")  # no media extension: once "is not a video", with .mp4 once "an empty file (0 bytes)"
+    os.mkfifo(tmp_path / "pipe.mp4")
+    found = detect.list_inputs([str(tmp_path / "pipe"), str(tmp_path / "pipe.mp4"), "/dev/null"])
+    assert [problem for _, _, problem in found] == ["is a FIFO (named pipe), not a video or image file"] * 2 + [
+        "is a character device, not a video or image file"]
