@@ -121,6 +121,12 @@ def test_a_detector_of_the_first_format_scores_as_it_did(tmp_path):
     (lambda c: c["detector_config"].update(image_size="big"), "an image size of 'big'"),
     (lambda c: c.update(threshold=3.0), "a threshold of 3.0"),
     (lambda c: c.pop("threshold"), "lacks threshold"),
+    (lambda c: c.update(threshold="0.5"), "a threshold of '0.5'"),
+    (lambda c: c["detector_config"].update(framing={"scale": "wide"}), "a face framing of"),
+    (lambda c: c["detector_config"].update(faces={"faces": "eyes"}), "face finder settings of"),
+    (lambda c: c["detector_config"]["faces"].update(max_faces=0), "face finder settings of"),
+    (lambda c: c["detector_config"].update(frames=2.5), "2.5 frames a video"),
+    (lambda c: c.pop("detector_config"), "has no detector_config"),
 ])
 def test_a_damaged_detector_file_is_one_sentence(tmp_path, change, phrase):
     _, D = tiny_gan()
@@ -179,3 +185,14 @@ def test_a_diverged_detector_training_stops_before_it_is_kept_or_saved(where):
         detector.fit(model, opt, schedule, batches(), steps=10, eval_every=1, save_every=0,
                      validate=lambda m: (validated.append(1) or 0.5, None), save=lambda p: saved.append(p.step))
     assert saved == [1, 2] and len(validated) == 2  # the broken weights were neither ranked nor saved
+
+
+def test_a_detector_file_without_the_later_fields_loads_with_the_defaults(tmp_path):
+    _, D = tiny_gan()
+    path = str(tmp_path / "detector.pt")
+    checkpoint.save_detector(path, detector.from_discriminator(D, SHAPE["ndf"], 32)[0], 0.5, checkpoint.gan_detector_config(SHAPE))
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("framing", "faces", "frames"):  # written before they were stored; the programs use their defaults
+        del ckpt["detector_config"][key]
+    torch.save(ckpt, path)
+    assert checkpoint.load_detector(path)[1] == 0.5
