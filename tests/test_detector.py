@@ -196,3 +196,14 @@ def test_a_detector_file_without_the_later_fields_loads_with_the_defaults(tmp_pa
         del ckpt["detector_config"][key]
     torch.save(ckpt, path)
     assert checkpoint.load_detector(path)[1] == 0.5
+
+
+def test_a_detector_whose_run_folder_was_removed_is_kept_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, D = tiny_gan()
+    model = detector.from_discriminator(D, SHAPE["ndf"], 32)[0]
+    gone = tmp_path / "runs" / "007-dcgan-32" / "detector.pt"  # the run folder was removed while it trained
+    with pytest.raises(UserError, match=f"saved to {tmp_path / '007-dcgan-32-detector.pt'} instead"):
+        checkpoint.save_detector(str(gone), model, 0.25, checkpoint.gan_detector_config(SHAPE), keep=True)
+    loaded, threshold, _, _ = checkpoint.load_detector(str(tmp_path / "007-dcgan-32-detector.pt"))
+    assert threshold == 0.25 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -260,3 +260,22 @@ def test_paths_needed_at_the_end_are_checked_at_the_start(tmp_path):
 def test_a_tiny_validation_split_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="the valid split has 1 decodable images"):
         run_to_end(tmp_path, "--synthetic-size", "16", "--batch", "8")
+
+
+def test_a_checkpoint_the_run_folder_cannot_take_is_kept_in_the_current_folder(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    real_save = torch.save
+
+    def full_run_disk(obj, f, *args, **kwargs):
+        if getattr(f, "name", "").endswith(os.path.join("r", "checkpoint.pt.tmp")):
+            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file data/0: "
+                               "file write failed")  # what torch.save raises on a full disk
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_run_disk)
+    with pytest.raises(UserError, match=f"cannot write .*checkpoint.pt .*saved to {here / 'r-checkpoint.pt'} instead"):
+        main.main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
+    kept = checkpoint.load(str(here / "r-checkpoint.pt"))
+    assert kept["step"] == 4 and kept["epoch"] == 1 and not (tmp_path / "r" / "checkpoint.pt").exists()
