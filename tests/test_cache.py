@@ -66,17 +66,30 @@ def test_changed_files_or_size_give_a_new_cache(tmp_path):
     assert not torch.equal(rebuilt[1][0], old[1][0])
 
 
-def test_half_written_cache_is_detected_and_rebuilt(tmp_path):
+def truncate_images(folder):  # as if the disk filled up mid-write
+    with open(os.path.join(folder, "images.npy"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(folder, "images.npy")) // 2)
+
+
+def index_of_another_shape(folder):  # valid JSON that once gave a KeyError traceback
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        f.write('{"format": 1}')
+
+
+@pytest.mark.parametrize("damage", [truncate_images, index_of_another_shape])
+def test_a_damaged_cache_is_named_once_and_rebuilt(tmp_path, capsys, damage):
     files = make_images(tmp_path / "img", 6)
     cache_dir = str(tmp_path / "cache")
     built = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
     folder = os.path.dirname(built.images.filename)
     expected = np.array(built.images)
     del built
-    with open(os.path.join(folder, "images.npy"), "r+b") as f:  # as if the disk filled up mid-write
-        f.truncate(os.path.getsize(os.path.join(folder, "images.npy")) // 2)
+    damage(folder)
     assert cache.open_cache(folder) is None
+    capsys.readouterr()
     rebuilt = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert warnings == [f"cache {folder} is incomplete or damaged; rebuilding it"]
     assert np.array_equal(np.array(rebuilt.images), expected)
 
 
@@ -226,19 +239,3 @@ def test_a_full_face_cache_folder_stops_with_one_sentence_instead_of_leaving_eve
     jobs = [(p, "image", None, None, {"faces": "none"}, 1, 32, str(tmp_path / "cache")) for p in paths]
     with pytest.raises(UserError, match="cannot write .*faces.*No space left on device"):
         list(cache.many_media_faces(jobs, workers=1))
-
-
-def test_a_gan_cache_with_a_damaged_index_is_named_once_and_rebuilt(tmp_path, capsys):
-    files = make_images(tmp_path / "img", 6)
-    cache_dir = str(tmp_path / "cache")
-    built = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
-    folder = os.path.dirname(built.images.filename)
-    expected = np.array(built.images)
-    del built
-    with open(os.path.join(folder, "index.json"), "w") as f:
-        f.write('{"format": 1}')  # valid JSON of the wrong shape: once a KeyError traceback
-    capsys.readouterr()
-    rebuilt = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
-    assert warnings == [f"cache {folder} is incomplete or damaged; rebuilding it"]
-    assert np.array_equal(np.array(rebuilt.images), expected)
