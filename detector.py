@@ -386,9 +386,14 @@ def check_finite(model, step, loss=None):
     bad = [] if loss is None or math.isfinite(loss) else [f"loss {loss}"]
     bad += nonfinite(model)[:3]
     if bad:
-        raise UserError(f"the detector's training diverged at step {step} (non-finite {', '.join(bad)}); nothing was written "
-                        "after it, so the last saved state and any earlier detector file are untouched; "
-                        "start again with a lower --lr or another --seed")
+        raise diverged(", ".join(bad), step)
+
+
+def diverged(what, step=None):
+    """The UserError for a detector training that diverged: `what` is non-finite."""
+    return UserError(f"the detector's training diverged{f' at step {step}' if step is not None else ''} (non-finite {what}); "
+                     "nothing was written after it, so the last saved state and any earlier detector file are untouched; "
+                     "start again with a lower --lr or another --seed")
 
 
 def train_on_gan(D, ndf, image_size, generators, real_batches, *, steps, nz, device, lr=1e-4, log=None, log_every=50):

@@ -248,7 +248,10 @@ def make_validate(folders, device):
     valid = [parts["valid"] for parts, _ in folders]
 
     def validate(model):
-        aucs = {p.root: metrics.detection_metrics(s, p.labels())["auc"] for p, s in zip(valid, part_scores(model, valid, device).values())}
+        scores = part_scores(model, valid, device)
+        if not all(np.isfinite(s).all() for s in scores.values()):  # huge but finite weights can still overflow to inf - inf
+            raise detector.diverged("scores on the validation videos")
+        aucs = {p.root: metrics.detection_metrics(s, p.labels())["auc"] for p, s in zip(valid, scores.values())}
         return float(np.mean(list(aucs.values()))), aucs
     return validate
 
