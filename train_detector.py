@@ -296,7 +296,7 @@ def restore(state, model, opt, schedule, batches):
     return detector.Progress(**state["progress"])
 
 
-def finish(model, folders, args, out, progress, minutes, device, writer):
+def finish(model, folders, args, out, progress, minutes, device):
     """The best weights, the threshold from the validation videos, each folder's test report; detector.pt and detector.json."""
     if progress.best is not None:
         model.load_state_dict(progress.best)
@@ -318,8 +318,6 @@ def finish(model, folders, args, out, progress, minutes, device, writer):
             if parts[name].files:
                 scores = valid_scores[root] if name == "valid" else part_scores(model, [parts[name]], device)[root]
                 entry[name] = reports.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
-                if name == "test" and "overall" in entry[name]:
-                    writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry[name]["overall"]["auc"], progress.step)
     dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames,
                                       faces={"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces})
     info = {"method": "trained", "args": vars(args), **report}
@@ -394,8 +392,12 @@ def main(argv=None):
     print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
           f"on {device}, {args.epochs} epochs of {steps // args.epochs} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
     progress, minutes = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
+    path, threshold, report = finish(model, folders, args, out, progress, minutes, device)
+    # only now, with the new detector written: a run killed before it keeps the curves of the detector it still has
     writer = reports.report_writer(out)
-    path, threshold, report = finish(model, folders, args, out, progress, minutes, device, writer)
+    for root, entry in report["folders"].items():
+        if "overall" in entry.get("test", {}):
+            writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry["test"]["overall"]["auc"], progress.step)
     writer.close()
     print_report(report, threshold)
     print(f"wrote {path} and detector.json; score with: python detect.py VIDEO --checkpoint {out}; curves: tensorboard --logdir {out}")
