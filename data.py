@@ -112,6 +112,9 @@ def open_rgb(path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         with Image.open(path) as im:
+            for w in caught:  # only the bomb warning is ours to say; any other goes on as it came
+                if not issubclass(w.category, Image.DecompressionBombWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
                 print(f"warning: {path} is a {im.width}x{im.height} image ({im.width * im.height / 1e6:.0f} megapixels, "
                       f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}); decoding it takes about "
