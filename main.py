@@ -44,7 +44,7 @@ from cli import (PRECISIONS, ArgumentParser, UserError, at_least, below_one, exp
                  pick_precision, run_cli, use_fast_cuda_kernels, write_atomically, write_text)
 from checkpoint import SHAPE_KEYS
 from config import Config
-from models import IMAGE_SIZES, CudaGraphStep, build_models, draw_samples
+from models import IMAGE_SIZES, CudaGraphStep, build_models, draw_samples, nonfinite
 
 
 # Flags a resumed run may change; everything else (the model's shape above all) comes from its checkpoint.
@@ -525,7 +525,7 @@ def save_checkpoint(cfg, nets, progress, last, device):
         "fixed_noise": nets.fixed_noise.cpu(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         **({"scaler": nets.scaler.state_dict()} if nets.scaler is not None else {}),
-    }, os.path.join(cfg.run_dir, "checkpoint.pt"), "training")
+    }, os.path.join(cfg.run_dir, "checkpoint.pt"), "training", keep=True)  # where it cannot be written, it is kept elsewhere
 
 
 def detector_and_report(cfg, nets, progress, device):
@@ -547,8 +547,8 @@ def check_finite(stats, step, run_dir, **networks):
     """One sentence on a non-finite loss or weight, checked before anything is written, so that no file holds a diverged model."""
     bad = [f"{k}={v.item()}" for k, v in (stats or {}).items() if not torch.isfinite(v).all()]
     for name, net in networks.items():
-        if not torch.stack([p.detach().isfinite().all() for p in net.parameters()]).all():  # one sync for the whole network
-            bad.append(f"non-finite weights in {name}")
+        if broken := nonfinite(net):  # BatchNorm's running statistics too: they are what scoring in eval mode uses
+            bad.append(f"non-finite weights in {name}: {', '.join(broken[:3])}")
     if bad:
         raise UserError(f"training diverged at step {step} ({', '.join(bad)}); "
                         f"nothing was saved after it, so {run_dir} keeps the last good checkpoint if an epoch had finished. "

@@ -112,6 +112,15 @@ def init_weights(module):
             nn.init.zeros_(m.bias)
 
 
+def nonfinite(module):
+    """The names of the module's parameters and buffers (BatchNorm's running statistics too) holding inf or NaN; [] when all
+    are finite. One CPU-GPU sync for the whole module, so call it where training logs or saves, not at every step."""
+    state = [(k, v) for k, v in module.state_dict(keep_vars=True).items() if v.is_floating_point()]
+    if not state or torch.stack([v.detach().isfinite().all() for _, v in state]).all():
+        return []
+    return [k for k, v in state if not v.detach().isfinite().all()]
+
+
 def build_models(cfg):
     """Both networks from a config dict holding SHAPE_KEYS."""
     G = Generator(nz=cfg["nz"], ngf=cfg["ngf"], channels=cfg["channels"], image_size=cfg["image_size"])

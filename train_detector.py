@@ -29,6 +29,7 @@ detector.json (the split and the reports), training.pt (for --resume) and Tensor
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -244,7 +245,10 @@ def make_validate(folders, device):
     valid = [parts["valid"] for parts, _ in folders]
 
     def validate(model):
-        aucs = {p.root: metrics.detection_metrics(s, p.labels())["auc"] for p, s in zip(valid, part_scores(model, valid, device).values())}
+        scores = part_scores(model, valid, device)
+        if not all(np.isfinite(s).all() for s in scores.values()):  # huge but finite weights can still overflow to inf - inf
+            raise detector.diverged("scores on the validation videos")
+        aucs = {p.root: metrics.detection_metrics(s, p.labels())["auc"] for p, s in zip(valid, scores.values())}
         return float(np.mean(list(aucs.values()))), aucs
     return validate
 
@@ -289,10 +293,11 @@ def restore(state, model, opt, schedule, batches):
     return detector.Progress(**state["progress"])
 
 
-def finish(model, folders, args, out, progress, minutes, device, writer):
+def finish(model, folders, args, out, progress, minutes, device):
     """The best weights, the threshold from the validation videos, each folder's test report; detector.pt and detector.json."""
     if progress.best is not None:
         model.load_state_dict(progress.best)
+    detector.check_finite(model, progress.best_step or progress.step)  # detector.pt is only ever written from finite weights
     model.eval()
     valid = [parts["valid"] for parts, _ in folders]
     valid_scores = part_scores(model, valid, device)
@@ -310,13 +315,12 @@ def finish(model, folders, args, out, progress, minutes, device, writer):
             if parts[name].files:
                 scores = valid_scores[root] if name == "valid" else part_scores(model, [parts[name]], device)[root]
                 entry[name] = reports.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
-                if name == "test" and "overall" in entry[name]:
-                    writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry[name]["overall"]["auc"], progress.step)
     dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames,
                                       faces={"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces})
     info = {"method": "trained", "args": vars(args), **report}
     path = os.path.join(out, "detector.pt")
-    checkpoint.save_detector(path, model.cpu(), threshold, dcfg, **info)
+    # hours of training: where detector.pt cannot be written it is saved elsewhere, and the error says where
+    checkpoint.save_detector(path, model.cpu(), threshold, dcfg, keep=True, **info)
     write_atomically(os.path.join(out, "detector.json"), lambda f: f.write(json.dumps(info, indent=1, default=str).encode()))
     return path, threshold, report
 
@@ -358,11 +362,19 @@ def main(argv=None):
     check_args(args)
     out = args.out if state else pick_out_dir(args)
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    gan = load_gan(args, device) if args.gan else None
-    model = make_model(args, gan).to(device, memory_format=torch.channels_last)  # the layout the fast convolutions want
-    folders = [load_folder(root, args, detector.FRAMING) for root in args.data]
-    extra_real = [load_real_photos(root, args, detector.FRAMING) for root in args.real]
+    created = not os.path.isdir(out)
+    make_folder(out, "run folder")  # now, so that an --out that cannot be written is refused before the long loading of faces
+    try:
+        torch.manual_seed(args.seed)
+        gan = load_gan(args, device) if args.gan else None
+        model = make_model(args, gan).to(device, memory_format=torch.channels_last)  # the layout the fast convolutions want
+        folders = [load_folder(root, args, detector.FRAMING) for root in args.data]
+        extra_real = [load_real_photos(root, args, detector.FRAMING) for root in args.real]
+    except UserError:
+        if created:  # a refused run leaves no empty numbered folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
     for parts, groups in folders:
         for name, part in parts.items():
             d = part.describe()
@@ -373,13 +385,16 @@ def main(argv=None):
     steps = args.epochs * max(1, 2 * train_faces // args.batch)  # an epoch: every real training face once, and as many fakes
     opt, schedule = detector.optimizer(model, args.arch, args.lr, steps)
     progress = restore(state, model, opt, schedule, batches) if state else None
-    make_folder(out, "run folder")
     write_atomically(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
           f"on {device}, {args.epochs} epochs of {steps // args.epochs} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
     progress, minutes = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
+    path, threshold, report = finish(model, folders, args, out, progress, minutes, device)
+    # only now, with the new detector written: a run killed before it keeps the curves of the detector it still has
     writer = reports.report_writer(out)
-    path, threshold, report = finish(model, folders, args, out, progress, minutes, device, writer)
+    for root, entry in report["folders"].items():
+        if "overall" in entry.get("test", {}):
+            writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry["test"]["overall"]["auc"], progress.step)
     writer.close()
     print_report(report, threshold)
     print(f"wrote {path} and detector.json; score with: python detect.py VIDEO --checkpoint {out}; curves: tensorboard --logdir {out}")

@@ -1,6 +1,7 @@
 """Videos and images as frames: opening, choosing which frames to look at, decoding them in one pass."""
 
 import os
+import stat
 from fractions import Fraction
 
 import av
@@ -8,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from cli import UserError
-from data import IMAGE_EXTENSIONS
+from data import IMAGE_EXTENSIONS, open_rgb
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -53,6 +54,8 @@ def _open(path):
     try:
         container = av.open(path)
     except av.FFmpegError as e:
+        if not os.path.exists(path):  # listed and probed, then gone before its frames were decoded
+            raise UserError(VANISHED) from None
         raise UserError(f"cannot be decoded as a video ({_ffmpeg_message(e)}); it may be truncated or not a video") from None
     if not container.streams.video:
         container.close()
@@ -137,22 +140,41 @@ def all_frames(path):
 
 
 def read_image(path):
-    """An image file as an RGB array."""
+    """An image file as an RGB array (16-bit greyscale scaled to 8 bits, a very large image named in one warning)."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return np.asarray(open_rgb(path))
+    except Image.DecompressionBombError:
+        raise UserError(f"is over twice Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels for one image "
+                        "(a decompression bomb, or a photo far larger than a face needs); scale it down") from None
     except Exception as e:  # truncated, not an image, unreadable: the user's to fix
         raise UserError(f"cannot be decoded as an image ({type(e).__name__})") from None
 
 
+VANISHED = "has vanished (moved or deleted while the program ran)"
+SPECIAL_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                 stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def check_input(path):
+    """os.stat of an input that is a regular file with bytes in it; else one sentence saying what it is instead."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(f"is a link to {os.readlink(path)}, which does not exist") from None
+        raise UserError(VANISHED) from None
+    except OSError as e:
+        raise UserError(f"cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device has no size and would block or never end when read
+        raise UserError(f"is {SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, not a video or image file")
+    if st.st_size == 0:
+        raise UserError("is an empty file (0 bytes)")
+    return st
+
+
 def input_frames(path, kind, frames=32, every=None):
     """-> (info, iterator of (index, seconds, RGB frame)); raises UserError for an input that cannot be read."""
-    try:
-        empty = os.path.getsize(path) == 0
-    except OSError as e:  # a dangling link, a file removed since it was listed
-        raise UserError(f"cannot be read ({e.strerror or e})") from None
-    if empty:
-        raise UserError("is an empty file (0 bytes)")
+    check_input(path)
     if kind == "image":
         frame = read_image(path)
         info = {"width": frame.shape[1], "height": frame.shape[0], "fps": 0.0, "frames_total": 1, "frames_sampled": 1, "decode_errors": 0}

@@ -66,17 +66,30 @@ def test_changed_files_or_size_give_a_new_cache(tmp_path):
     assert not torch.equal(rebuilt[1][0], old[1][0])
 
 
-def test_half_written_cache_is_detected_and_rebuilt(tmp_path):
+def truncate_images(folder):  # as if the disk filled up mid-write
+    with open(os.path.join(folder, "images.npy"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(folder, "images.npy")) // 2)
+
+
+def index_of_another_shape(folder):  # valid JSON that once gave a KeyError traceback
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        f.write('{"format": 1}')
+
+
+@pytest.mark.parametrize("damage", [truncate_images, index_of_another_shape])
+def test_a_damaged_cache_is_named_once_and_rebuilt(tmp_path, capsys, damage):
     files = make_images(tmp_path / "img", 6)
     cache_dir = str(tmp_path / "cache")
     built = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
     folder = os.path.dirname(built.images.filename)
     expected = np.array(built.images)
     del built
-    with open(os.path.join(folder, "images.npy"), "r+b") as f:  # as if the disk filled up mid-write
-        f.truncate(os.path.getsize(os.path.join(folder, "images.npy")) // 2)
+    damage(folder)
     assert cache.open_cache(folder) is None
+    capsys.readouterr()
     rebuilt = cache.load_or_build(files, 32, cache_dir, "t", workers=1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert warnings == [f"cache {folder} is incomplete or damaged; rebuilding it"]
     assert np.array_equal(np.array(rebuilt.images), expected)
 
 
@@ -173,3 +186,56 @@ def test_ranks_split_every_global_batch(tmp_path):
     for s in range(2):
         assert torch.equal(whole[s], torch.cat([shares[0][s], shares[1][s]]))
     assert not torch.equal(whole[0], whole[1])
+
+
+# -----------------------------------------------------------------------------
+# the face cache
+
+def face_image(tmp_path):
+    path = str(tmp_path / "face.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def cached_faces(path, cache_dir):
+    return cache.media_faces(path, "image", None, {"faces": "none"}, 1, 32, cache_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_face_cache_entry_is_named_once_deleted_and_rebuilt(tmp_path, capsys, damage):
+    path, cache_dir = face_image(tmp_path), str(tmp_path / "cache")
+    first = cached_faces(path, cache_dir)
+    [entry] = os.listdir(tmp_path / "cache" / "faces")
+    entry = str(tmp_path / "cache" / "faces" / entry)
+    with open(entry, "r+b") as f:  # a power cut, a full disk, a copy that stopped
+        f.truncate(os.path.getsize(entry) // 2 if damage == "truncated" else 0)
+    capsys.readouterr()
+    again = cached_faces(path, cache_dir)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: the face cache entry {entry} (for {path}) is damaged")
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(first, again))
+    cached_faces(path, cache_dir)  # the entry was rewritten whole: no second warning
+    assert capsys.readouterr().err == ""
+
+
+def test_stale_temporary_files_in_the_face_cache_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "_swept", set())
+    folder = tmp_path / "cache" / "faces"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / "0123.npz.tmp", folder / "4567.npz.tmp"  # left by kill -9; being written by another process now
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    an_hour_ago = os.path.getmtime(stale) - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    cached_faces(face_image(tmp_path), str(tmp_path / "cache"))
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_full_face_cache_folder_stops_with_one_sentence_instead_of_leaving_every_file_out(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "savez", full_disk)
+    paths = [face_image(tmp_path)]
+    jobs = [(p, "image", None, None, {"faces": "none"}, 1, 32, str(tmp_path / "cache")) for p in paths]
+    with pytest.raises(UserError, match="cannot write .*faces.*No space left on device"):
+        list(cache.many_media_faces(jobs, workers=1))

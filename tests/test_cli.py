@@ -13,7 +13,7 @@ import torch
 
 import checkpoint
 import main
-from cli import UserError, pick_precision, run_cli, write_atomically
+from cli import UserError, pick_precision, run_cli, write_atomically, write_or_keep
 from helpers import ROOT, assert_one_clear_line, read_until, run_program, train_args
 
 
@@ -107,3 +107,36 @@ def test_a_bug_inside_a_write_still_raises_and_leaves_no_temporary_file(tmp_path
     with pytest.raises(RuntimeError, match="a bug"):
         write_atomically(str(tmp_path / "out.bin"), buggy)
     assert os.listdir(tmp_path) == []
+
+
+def test_work_that_cannot_be_written_where_asked_is_kept_in_the_current_folder(tmp_path, monkeypatch, capsys):
+    run, here = tmp_path / "run", tmp_path / "here"
+    run.mkdir(), here.mkdir()
+    monkeypatch.chdir(here)
+    (here / "run-detector.pt").write_text("the user's own file")  # never overwritten
+
+    def full_disk_in_run(f):  # the run's disk is full, the current folder's is not
+        if f.name.startswith(str(run)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        f.write(b"hours of training")
+
+    assert run_cli(lambda argv: write_or_keep(str(run / "detector.pt"), full_disk_in_run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = here / "run-2-detector.pt"
+    assert len(err) == 1 and f"cannot write {run / 'detector.pt'} (No space left on device)" in err[0] and str(kept) in err[0]
+    assert kept.read_bytes() == b"hours of training" and (here / "run-detector.pt").read_text() == "the user's own file"
+    assert os.listdir(run) == []
+
+
+def test_a_detector_run_folder_that_cannot_be_made_is_refused_before_any_data_is_read(tmp_path):
+    (tmp_path / "taken").write_text("a file where the run folder should go")
+    # the data folder does not exist either: the run folder must be what is refused, since it is checked first
+    result = run_program("train_detector.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "taken" / "run"),
+                         "--device", "cpu")
+    assert_one_clear_line(result, "cannot create the run folder", str(tmp_path / "taken" / "run"))
+
+
+def test_a_refused_detector_run_leaves_no_empty_run_folder(tmp_path):
+    result = run_program("train_detector.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

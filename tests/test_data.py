@@ -1,9 +1,11 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import cache
 import data
 from cli import UserError
 from helpers import write_jpegs
@@ -150,3 +152,13 @@ def test_too_few_identities_to_split_is_one_clear_error():
              [("/d/real/A_0.mp4", 0), ("/d/fake/A_0.mp4", 1), ("/d/real/B_0.mp4", 0), ("/d/fake/B_0.mp4", 1)]]
     with pytest.raises(UserError, match="cannot split 2 groups"):
         data.split_by_group(items, valid=0.3, test=0.3)
+
+
+def test_a_16_bit_greyscale_png_trains_as_its_shades_not_as_white(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    files = [str(tmp_path / "grey16.png")]
+    image, ok = data.ImageFiles(files, 32)[0]
+    assert ok and image.min() == -1 and image.max() == 1 and image.unique().numel() > 200
+    cached = cache.load_or_build(files, 32, str(tmp_path / "cache"), "grey", workers=1)
+    assert torch.equal(cached[0][0], image)  # the cache decodes it the same way

@@ -367,3 +367,21 @@ def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     assert run_cli(detect.main, [str(tmp_path / "face.png"), "--faces", "none", "--extract", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create the --extract folder" in err[0]
+
+
+def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored(tmp_path, checkpoint, capsys, monkeypatch):
+    (tmp_path / "taken").write_text("a file where a folder should go")
+    video = write_video(tmp_path / "face.mp4", 3)
+    monkeypatch.setattr(detect, "score_input", lambda *a, **k: pytest.fail("scored before the outputs were checked"))
+    argv = [video, "--checkpoint", checkpoint, "--tensorboard", str(tmp_path / "taken" / "tb"), "--device", "cpu"]
+    assert run_cli(detect.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot create the --tensorboard folder {tmp_path / 'taken' / 'tb'}" in err[0]
+
+
+def test_a_fifo_or_a_device_on_the_command_line_is_named_as_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "pipe")  # no media extension: once "is not a video", with .mp4 once "an empty file (0 bytes)"
+    os.mkfifo(tmp_path / "pipe.mp4")
+    found = detect.list_inputs([str(tmp_path / "pipe"), str(tmp_path / "pipe.mp4"), "/dev/null"])
+    assert [problem for _, _, problem in found] == ["is a FIFO (named pipe), not a video or image file"] * 2 + [
+        "is a character device, not a video or image file"]

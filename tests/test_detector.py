@@ -121,6 +121,12 @@ def test_a_detector_of_the_first_format_scores_as_it_did(tmp_path):
     (lambda c: c["detector_config"].update(image_size="big"), "an image size of 'big'"),
     (lambda c: c.update(threshold=3.0), "a threshold of 3.0"),
     (lambda c: c.pop("threshold"), "lacks threshold"),
+    (lambda c: c.update(threshold="0.5"), "a threshold of '0.5'"),
+    (lambda c: c["detector_config"].update(framing={"scale": "wide"}), "a face framing of"),
+    (lambda c: c["detector_config"].update(faces={"faces": "eyes"}), "face finder settings of"),
+    (lambda c: c["detector_config"]["faces"].update(max_faces=0), "face finder settings of"),
+    (lambda c: c["detector_config"].update(frames=2.5), "2.5 frames a video"),
+    (lambda c: c.pop("detector_config"), "has no detector_config"),
 ])
 def test_a_damaged_detector_file_is_one_sentence(tmp_path, change, phrase):
     _, D = tiny_gan()
@@ -177,3 +183,44 @@ def test_pretrained_takes_torchvisions_weights_and_a_failed_download_is_one_sent
     monkeypatch.setattr(detector, "imagenet_weights", offline)
     with pytest.raises(UserError, match="--pretrained could not get torchvision's ImageNet weights"):
         train_detector.make_model(args, None)
+
+
+@pytest.mark.parametrize("where", ["running_var", "weight"])
+def test_a_diverged_detector_training_stops_before_it_is_kept_or_saved(where):
+    torch.manual_seed(0)
+    model = detector.build("dcgan", 32, ndf=8)
+    opt, schedule = detector.optimizer(model, "dcgan", 1e-4, 10)
+    saved, validated = [], []
+
+    def batches():
+        for i, x in enumerate(endless(drawn_faces(16, 0), 8)):
+            if i == 2:  # step 3 starts from a broken state; a running_var of inf leaves the training-mode loss finite
+                next(v for k, v in model.state_dict().items() if k.endswith(where)).fill_(float("inf"))
+            yield x, torch.tensor([0.0, 1.0] * 4)
+
+    with pytest.raises(UserError, match=f"diverged at step 3 \\(non-finite [a-z0-9.]*{where}"):
+        detector.fit(model, opt, schedule, batches(), steps=10, eval_every=1, save_every=0,
+                     validate=lambda m: (validated.append(1) or 0.5, None), save=lambda p: saved.append(p.step))
+    assert saved == [1, 2] and len(validated) == 2  # the broken weights were neither ranked nor saved
+
+
+def test_a_detector_file_without_the_later_fields_loads_with_the_defaults(tmp_path):
+    _, D = tiny_gan()
+    path = str(tmp_path / "detector.pt")
+    checkpoint.save_detector(path, detector.from_discriminator(D, SHAPE["ndf"], 32)[0], 0.5, checkpoint.gan_detector_config(SHAPE))
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("framing", "faces", "frames"):  # written before they were stored; the programs use their defaults
+        del ckpt["detector_config"][key]
+    torch.save(ckpt, path)
+    assert checkpoint.load_detector(path)[1] == 0.5
+
+
+def test_a_detector_whose_run_folder_was_removed_is_kept_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, D = tiny_gan()
+    model = detector.from_discriminator(D, SHAPE["ndf"], 32)[0]
+    gone = tmp_path / "runs" / "007-dcgan-32" / "detector.pt"  # the run folder was removed while it trained
+    with pytest.raises(UserError, match=f"saved to {tmp_path / '007-dcgan-32-detector.pt'} instead"):
+        checkpoint.save_detector(str(gone), model, 0.25, checkpoint.gan_detector_config(SHAPE), keep=True)
+    loaded, threshold, _, _ = checkpoint.load_detector(str(tmp_path / "007-dcgan-32-detector.pt"))
+    assert threshold == 0.25 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

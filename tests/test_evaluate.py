@@ -1,7 +1,10 @@
+import errno
 import json
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoint
@@ -130,3 +133,19 @@ def test_evaluate_reports_fid_with_inception_weights(trained_run, random_incepti
     with open(os.path.join(trained_run, "metrics.json")) as f:
         quality = json.load(f)["generator"]
     assert quality["fid"] > 0 and "kid_x1e3" in quality and "test-split" in quality["fid_protocol"]
+
+
+def test_a_full_face_cache_is_one_line_not_every_file_left_out(trained_run, tmp_path, capsys, monkeypatch):
+    for label in ("real", "fake"):
+        (tmp_path / "faces" / label).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((32, 32, 3), 60 * k + (100 if label == "fake" else 0), np.uint8)).save(
+                tmp_path / "faces" / label / f"{label}_{k}.png")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "savez", full_disk)
+    argv = [trained_run, "--faces", str(tmp_path / "faces"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert run_cli(evaluate.main, argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("files:")]  # less the bar
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'cache' / 'faces'}") and "No space left" in err[0]

@@ -195,19 +195,20 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert ckpt["step"] == 4  # the end of epoch 1, untouched
 
 
-def test_non_finite_weights_at_an_epochs_end_stop_the_run_before_anything_is_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("net, tensor", [("G", "main.0.weight"), ("D", "running_var")])
+def test_non_finite_weights_at_an_epochs_end_stop_the_run_before_anything_is_written(tmp_path, monkeypatch, net, tensor):
     real_step, calls = models.train_step, []
 
-    def diverging_step(G, *args):
+    def diverging_step(G, D, *args):
         calls.append(1)
-        stats = real_step(G, *args)
+        stats = real_step(G, D, *args)
         if len(calls) == 8:  # the last step of epoch 2: the losses were finite, the update was not
-            with torch.no_grad():
-                next(G.parameters()).fill_(float("nan"))
+            broken = next(v for k, v in {"G": G, "D": D}[net].state_dict().items() if k.endswith(tensor))
+            broken.fill_(float("inf"))  # running_var: what --lr 1e9 did, with every parameter finite
         return stats
 
     monkeypatch.setattr(models, "train_step", diverging_step)
-    with pytest.raises(UserError, match="diverged at step 8 \\(non-finite weights in G\\)"):
+    with pytest.raises(UserError, match=f"diverged at step 8 \\(non-finite weights in {net}: [a-z0-9.]*{tensor}"):
         run_to_end(tmp_path, "--run-name", "r", "--log-every", "1000")
     run = tmp_path / "r"
     assert os.listdir(run / "snapshots") == ["G_epoch001.pt"]
@@ -259,3 +260,22 @@ def test_paths_needed_at_the_end_are_checked_at_the_start(tmp_path):
 def test_a_tiny_validation_split_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="the valid split has 1 decodable images"):
         run_to_end(tmp_path, "--synthetic-size", "16", "--batch", "8")
+
+
+def test_a_checkpoint_the_run_folder_cannot_take_is_kept_in_the_current_folder(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    real_save = torch.save
+
+    def full_run_disk(obj, f, *args, **kwargs):
+        if getattr(f, "name", "").endswith(os.path.join("r", "checkpoint.pt.tmp")):
+            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file data/0: "
+                               "file write failed")  # what torch.save raises on a full disk
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_run_disk)
+    with pytest.raises(UserError, match=f"cannot write .*checkpoint.pt .*saved to {here / 'r-checkpoint.pt'} instead"):
+        main.main(train_args(tmp_path, "--epochs", "1", "--run-name", "r"))
+    kept = checkpoint.load(str(here / "r-checkpoint.pt"))
+    assert kept["step"] == 4 and kept["epoch"] == 1 and not (tmp_path / "r" / "checkpoint.pt").exists()

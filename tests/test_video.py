@@ -1,13 +1,17 @@
 """video.py: which frames are sampled, that they are the very frames a plain decode gives, turned upright."""
 
 import argparse
+import os
+
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 import faces
 from helpers import H, W, decode_all, frame_with_face, write_video
-from video import all_frames, open_video, sample_indices
+from cli import UserError
+from video import all_frames, input_frames, open_video, read_image, sample_indices
 
 
 def test_sample_indices():
@@ -63,3 +67,47 @@ def test_all_frames_are_every_frame_upright_in_order_at_the_videos_rate(tmp_path
     assert [i for i, _, _ in frames] == list(range(9))
     assert [s for _, s, _ in frames] == pytest.approx([i / 12 for i in range(9)])
     assert all(np.array_equal(f, ref) for (_, _, f), ref in zip(frames, decode_all(path)))
+
+
+def test_a_16_bit_greyscale_png_keeps_its_shades(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = str(tmp_path / "grey16.png")
+    Image.fromarray(ramp).save(path)  # Pillow opens it as mode "I;16"; convert("RGB") clips it to white
+    rgb = read_image(path)
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], rgb[..., 2]) and np.abs(rgb[..., 0].astype(int) - ramp / 257).max() <= 0.5
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) == 256
+
+
+def test_a_very_large_image_gets_our_one_line_and_one_over_twice_the_limit_is_refused(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "big.png")
+    Image.new("RGB", (40, 30)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,200 pixels: over the limit, under twice it
+    assert read_image(path).shape == (30, 40, 3)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path} is a 40x30 image")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(UserError, match="over twice Pillow's limit"):
+        read_image(path)
+
+
+def test_a_fifo_a_device_and_a_vanished_file_are_named_as_what_they_are(tmp_path):
+    fifo = str(tmp_path / "pipe.mp4")
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=r"^is a FIFO \(named pipe\), not a video or image file$"):
+        input_frames(fifo, "video")
+    with pytest.raises(UserError, match="^is a character device"):
+        input_frames("/dev/null", "video")
+    with pytest.raises(UserError, match="^has vanished"):
+        input_frames(str(tmp_path / "gone.mp4"), "video")
+    os.symlink(str(tmp_path / "nowhere.mp4"), str(tmp_path / "link.mp4"))
+    with pytest.raises(UserError, match="^is a link to .*nowhere.mp4, which does not exist"):
+        input_frames(str(tmp_path / "link.mp4"), "video")
+
+
+def test_a_video_removed_after_it_was_probed_is_reported_as_vanished(tmp_path):
+    path = write_video(tmp_path / "v.mp4", 6)
+    info, frames = open_video(path, 3)  # probed: its frames are counted
+    os.remove(path)
+    with pytest.raises(UserError, match="^has vanished"):
+        list(frames)
