@@ -367,41 +367,26 @@ def finder_for(args, info):
     return faces.from_flags(args, info.get("framing"))[0]
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    inputs = list_inputs(args.inputs)
-    if not inputs:
-        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
-    if args.extract:  # framed as the given detector frames a face, else as train_detector.py frames a video's faces
-        info = load_detector(args.checkpoint)[3] if args.checkpoint else {"framing": FRAMING}
-        return extract(inputs, finder_for(args, info), args)
-    if args.annotate and not args.out:
-        raise UserError("--annotate writes into the --out folder; give --out DIR as well")
-
-    # the checkpoint is read, and any mismatch reported, before a single frame is decoded
+def open_detector(args):
+    """--checkpoint's detector, or the shipped one -> (model, threshold, kind, info, device), read before any frame is decoded."""
     device = pick_device(args.device)
     source = args.checkpoint or SHIPPED_DETECTOR
     if args.checkpoint is None and not os.path.isfile(SHIPPED_DETECTOR):
         raise UserError(f"the detector that ships with the project, {SHIPPED_DETECTOR}, is missing; restore it with "
                         "git checkout, or give --checkpoint RUN (a run folder of train_detector.py or main.py)")
-    model, threshold, detector_kind, info = load_detector(source, device)
-    finder = finder_for(args, info)
+    model, threshold, kind, info = load_detector(source, device)
     if args.threshold is not None:
         threshold = args.threshold
-    print(f"detector: the {detector_kind} ({info['arch']}, {info['image_size']}x{info['image_size']}) of {source}, "
+    print(f"detector: the {kind} ({info['arch']}, {info['image_size']}x{info['image_size']}) of {source}, "
           f"threshold {threshold:.3f}, on {device}")
-    if detector_kind == "raw discriminator":
+    if kind == "raw discriminator":
         print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
-    if args.out:
-        make_folder(args.out, "--out folder")
-    writer = None
-    if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        make_folder(args.tensorboard, "--tensorboard folder")
-        writer = SummaryWriter(args.tensorboard)
+    return model, threshold, kind, info, device
 
-    results, stems, thumbnails = [], {}, {}
-    taken = set()
+
+def score_all(inputs, args, model, threshold, info, device, finder, writer):
+    """Score every input in turn; a bad one costs one line. -> (results, stems, thumbnails, annotations that failed)."""
+    results, stems, thumbnails, taken = [], {}, {}, set()
     input_paths = {os.path.realpath(p) for p, _, _ in inputs}
     failed_annotations = 0
     for path, kind, problem in tqdm(inputs, desc="files", unit="file", dynamic_ncols=True):
@@ -432,9 +417,33 @@ def main(argv=None):
                 failed_annotations += 1
                 tqdm.write(f"error: {path}: the annotated copy {dst} could not be written ({getattr(e, 'strerror', None) or e})",
                            file=sys.stderr)
-    if writer is not None:
-        writer.close()
+    return results, stems, thumbnails, failed_annotations
 
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    inputs = list_inputs(args.inputs)
+    if not inputs:
+        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
+    if args.extract:  # framed as the given detector frames a face, else as train_detector.py frames a video's faces
+        info = load_detector(args.checkpoint)[3] if args.checkpoint else {"framing": FRAMING}
+        return extract(inputs, finder_for(args, info), args)
+    if args.annotate and not args.out:
+        raise UserError("--annotate writes into the --out folder; give --out DIR as well")
+    model, threshold, detector_kind, info, device = open_detector(args)
+    finder = finder_for(args, info)
+    if args.out:
+        make_folder(args.out, "--out folder")
+    writer = None
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        make_folder(args.tensorboard, "--tensorboard folder")
+        writer = SummaryWriter(args.tensorboard)
+    try:
+        results, stems, thumbnails, failed_annotations = score_all(inputs, args, model, threshold, info, device, finder, writer)
+    finally:
+        if writer is not None:
+            writer.close()
     print_table(results)
     if args.out:
         write_reports(results, args.out, detector_kind, stems, thumbnails)
