@@ -106,8 +106,12 @@ def from_discriminator(D, ndf, image_size):
 
 @torch.no_grad()
 def fake_scores(model, images):
-    """P(fake) for each image in [-1, 1]; the model must be in eval mode so a score never depends on the batch."""
-    return torch.sigmoid(model(images).float())
+    """P(fake) for each image in [-1, 1]; the model must be in eval mode so a score never depends on the batch.
+
+    In float64: in float32 every logit above 17 is P(fake) = 1.0 exactly, and faces a detector
+    is very sure of would tie, which AUC and the real/fake pairs count as chance.
+    """
+    return torch.sigmoid(model(images).double())
 
 
 @torch.no_grad()

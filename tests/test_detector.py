@@ -113,7 +113,7 @@ def test_a_detector_of_the_first_format_scores_as_it_did(tmp_path):
     model, threshold, kind, info = checkpoint.load_detector(str(tmp_path / "detector.pt"))
     images = drawn_faces(6, 1)
     assert threshold == 0.4 and info["arch"] == "dcgan" and info["framing"] == checkpoint.CELEBA_FRAMING
-    torch.testing.assert_close(detector.fake_scores(model, images), torch.sigmoid(-D.eval()(images)))
+    torch.testing.assert_close(detector.fake_scores(model, images), torch.sigmoid(-D.eval()(images)).double())
 
 
 @pytest.mark.parametrize("change, phrase", [
@@ -224,3 +224,11 @@ def test_a_detector_whose_run_folder_was_removed_is_kept_in_the_current_folder(t
         checkpoint.save_detector(str(gone), model, 0.25, checkpoint.gan_detector_config(SHAPE), keep=True)
     loaded, threshold, _, _ = checkpoint.load_detector(str(tmp_path / "007-dcgan-32-detector.pt"))
     assert threshold == 0.25 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_scores_of_very_sure_faces_do_not_tie():
+    class Sure(torch.nn.Module):  # logits far past float32's last P(fake) below 1
+        def forward(self, x):
+            return x.mean((1, 2, 3)) * 10 + 25
+    scores = detector.fake_scores(Sure().eval(), torch.stack([torch.full((3, 4, 4), v) for v in (0.0, 0.1, 0.2)]))
+    assert len(set(scores.tolist())) == 3 and (scores < 1).all()
