@@ -1,4 +1,4 @@
-"""The rooms of ../shared/STYLE.md, checked: who imports whom, and how long a program's functions grow."""
+"""The rooms of the project's style guide, checked: who imports whom, and how long a program's functions grow."""
 
 import ast
 import glob
