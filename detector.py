@@ -122,6 +122,13 @@ def score_images(model, images, device, batch=256):
 
 
 @torch.no_grad()
+def score_faces(model, faces, device, batch=128):
+    """P(fake) for uint8 faces (N, S, S, 3), a numpy array as crops and caches hold them, in batches -> numpy array."""
+    return np.concatenate([fake_scores(model, normalize_uint8(np.ascontiguousarray(faces[i:i + batch])).to(device)).cpu().numpy()
+                           for i in range(0, len(faces), batch)])
+
+
+@torch.no_grad()
 def discriminator_scores(D, images, device, batch=256):
     """P(fake) = sigmoid(-logit) of a GAN's own discriminator, whose logit says real, for a (N, C, S, S) tensor; D's mode is kept."""
     was_training = D.training
@@ -146,9 +153,7 @@ def score_input(path, kind, model, device, image_size, finder, threshold, frames
     info, records = media_faces(path, kind, finder, frames=frames, every=every, size=image_size, progress=True)
     found = [face for r in records for face in r["faces"] + r["others"]]
     if found:
-        pixels = np.stack([face["pixels"] for face in found])
-        scores = np.concatenate([fake_scores(model, normalize_uint8(pixels[i:i + batch]).to(device)).cpu().numpy()
-                                 for i in range(0, len(pixels), batch)])
+        scores = score_faces(model, np.stack([face["pixels"] for face in found]), device, batch)
         for face, s in zip(found, scores.tolist()):
             face["score"] = s
     for r in records:
@@ -197,8 +202,7 @@ def video_scores(model, videos, device, batch=128):
             out.append(float("nan"))
             per_face.append(np.zeros(0))
             continue
-        scores = np.concatenate([fake_scores(model, normalize_uint8(np.ascontiguousarray(faces[i:i + batch])).to(device)).cpu().numpy()
-                                 for i in range(0, len(faces), batch)])
+        scores = score_faces(model, faces, device, batch)
         out.append(float(np.mean([scores[frames == f].max() for f in np.unique(frames)])))
         per_face.append(scores)
     return np.array(out), per_face
@@ -264,7 +268,6 @@ class Batches:
     def __next__(self):
         half = self.batch // 2
         parts = [self._pick(pool, k)[0] for pool, k in zip(self.real, shares(half, len(self.real))) if k]
-        n_real = half
         for (source, pools), k in zip(self.fakes.items(), shares(self.batch - half, len(self.fakes))):
             for pool, m in zip(pools, shares(k, len(pools))):
                 if m == 0:
@@ -274,7 +277,7 @@ class Batches:
                 if source == "gan":
                     break  # the generators are one source: _gan picks among them
         x = torch.cat(parts)
-        y = torch.cat([torch.zeros(n_real), torch.ones(len(x) - n_real)])
+        y = torch.cat([torch.zeros(half), torch.ones(len(x) - half)])
         x = frame_augment(x.to(self.device), self.g).contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device)
 

@@ -23,8 +23,7 @@ from cli import UserError
 # sits above the box's. That is how img_align_celeba frames a face once the DCGAN
 # preprocessing has taken its centre square (measured with this cascade on CelebA; the numbers
 # are in docs/detect.md), so a crop from a video looks to the model like the images it was
-# trained on. detector.py reads these two to know where the face sits inside any crop,
-# whichever finder framed it.
+# trained on: the GAN's detectors score faces framed so.
 CROP_SCALE = 1.7
 CROP_SHIFT = 0.14
 
