@@ -13,8 +13,6 @@ import re
 import sys
 import tempfile
 
-import torch
-
 
 class UserError(Exception):
     """A mistake the user can fix; programs print it as one sentence, not a traceback."""
@@ -109,6 +107,7 @@ def add_device_flag(parser):
 
 
 def pick_device(name):
+    import torch  # here, not at the top: detect.py --help and its worker processes never load torch (seconds of start-up)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -123,6 +122,7 @@ def pick_device(name):
 
 
 def use_fast_cuda_kernels(device):
+    import torch
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: find the fastest convolutions once
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 work; GAN training does not need fp32's last bits
@@ -134,6 +134,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def pick_precision(name, device):
     """--precision -> (name, None for fp32 or the autocast dtype); bf16 where the GPU has it, fp16 only on CUDA."""
+    import torch
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name == "fp16" and device.type != "cuda":

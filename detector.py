@@ -144,13 +144,23 @@ def discriminator_scores(D, images, device, batch=256):
 def score_input(path, kind, model, device, image_size, finder, threshold, frames=32, every=None, batch=64, thumbnails=None):
     """Sample, find faces, follow them across frames, score the faces -> the input's result dict (frames included).
 
-    The faces come from faces.media_faces, as training and evaluation take them. Faces of the
-    main tracks count; the others are scored too, for the report, but left out of the score.
-    thumbnails: a dict to fill with {(frame index, track): the model's input as uint8 (S, S, 3)}, for report.html.
+    The faces come from faces.media_faces, as training and evaluation take them; detect.py does
+    the same in two halves, the faces found in worker processes and score_found here.
     """
     from faces import media_faces
     t0 = time.perf_counter()
     info, records = media_faces(path, kind, finder, frames=frames, every=every, size=image_size, progress=True)
+    return score_found(path, kind, info, records, model, device, threshold, batch, thumbnails, time.perf_counter() - t0)
+
+
+def score_found(path, kind, info, records, model, device, threshold, batch=64, thumbnails=None, seconds=0.0):
+    """faces.media_faces's faces of one input (pixels at the model's size) -> its result dict, frames and tracks included.
+
+    Faces of the counted tracks count; the others are scored too, for the report, but left out of the score.
+    thumbnails: a dict to fill with {(frame index, track): the model's input as uint8 (S, S, 3)}, for report.html.
+    seconds: the time the faces took to find, to which the scoring's is added.
+    """
+    t0 = time.perf_counter()
     found = [face for r in records for face in r["faces"] + r["others"]]
     if found:
         scores = score_faces(model, np.stack([face["pixels"] for face in found]), device, batch)
@@ -166,15 +176,17 @@ def score_input(path, kind, model, device, image_size, finder, threshold, frames
                     face["landmarks"] = np.round(marks, 1).tolist()
         r["score"] = max((f["score"] for f in r["faces"]), default=None)
     result = summarise(path, kind, info, records, threshold)
-    result["seconds"] = time.perf_counter() - t0
+    result["seconds"] = seconds + time.perf_counter() - t0
     return result
 
 
 def summarise(path, kind, info, records, threshold):
-    """A frame scores its most fake-looking face of the main tracks; a video, the mean over frames with such a face."""
+    """A frame scores its most fake-looking counted face; a video, the mean over frames with such a face; each track
+    (person) gets its own mean score, listed most fake-looking first."""
     frame_scores = [r["score"] for r in records if r["score"] is not None]
     score = float(np.mean(frame_scores)) if frame_scores else None
     verdict = NO_FACE if score is None else "fake" if score >= threshold else "real"
+    tracks = track_scores(records)
     return {
         "file": path, "kind": kind, **info,
         "frames_scored": len(records),  # below frames_sampled only when frames could not be decoded
@@ -182,12 +194,26 @@ def summarise(path, kind, info, records, threshold):
         "frames_without_face": len(records) - len(frame_scores),
         "faces": sum(len(r["faces"]) for r in records),
         "faces_left_out": sum(len(r["others"]) for r in records),
+        "people": sum(t["counted"] for t in tracks),
         "score": score,
         "share_above_threshold": float(np.mean([s >= threshold for s in frame_scores])) if frame_scores else None,
         "threshold": threshold,
         "verdict": verdict,
+        "tracks": tracks,
         "frames": records,
     }
+
+
+def track_scores(records):
+    """[{"track", "counted", "frames" (how many show it), "score" (its faces' mean), "max"}], the counted and most fake-looking first."""
+    by_track = {}
+    for r in records:
+        for counted, group in ((True, r["faces"]), (False, r["others"])):
+            for face in group:
+                by_track.setdefault(face["track"], (counted, []))[1].append(face["score"])
+    tracks = [{"track": t, "counted": counted, "frames": len(s), "score": float(np.mean(s)), "max": max(s)}
+              for t, (counted, s) in by_track.items()]
+    return sorted(tracks, key=lambda t: (not t["counted"], -t["score"]))
 
 
 @torch.no_grad()

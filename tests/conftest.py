@@ -32,6 +32,31 @@ def tiny_run_copy(tiny_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """detect.py's --checkpoint in tests: a checkpoint shaped like main.py's, its discriminator's weights spread out so scores differ from face to face."""
+    import checkpoint as ckpt_file
+    from models import build_models
+    cfg = vars(main.get_args_parser().parse_args(["--image-size", "32", "--ngf", "8", "--ndf", "8"]))
+    cfg["channels"] = 3
+    torch.manual_seed(0)
+    G, D = build_models(cfg)
+    with torch.no_grad():
+        for p in D.parameters():
+            p.normal_(0, 0.3)
+        for name, b in D.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 2)
+    opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
+    ckpt_file.save({"config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+                     "opt_D": opt_D.state_dict(), "epoch": 0, "done_in_epoch": 0, "step": 0,
+                     "fixed_noise": torch.randn(4, cfg["nz"]), "rng": {"torch": torch.get_rng_state(), "cuda": None}}, path, "training")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory):
     """A weights file of the right shape with random values: the real one is 91 MB and needs a download."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe

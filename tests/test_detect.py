@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import time
 from types import SimpleNamespace
 
 import av
@@ -17,46 +18,31 @@ import pytest
 import torch
 from PIL import Image
 
+import archive
 import checkpoint as ckpt_file
 import data
 import detect
 import detector
 import faces
-import main
 from checkpoint import load_detector
 from cli import UserError, run_cli
 from detector import fake_scores
 from helpers import FACE_SEED, H, W, blank_frame, decode_all, two_faces, write_video
-from models import build_models
 from video import sample_indices
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint shaped like main.py's, its discriminator's weights spread out so scores differ from face to face."""
-    cfg = vars(main.get_args_parser().parse_args(["--image-size", "32", "--ngf", "8", "--ndf", "8"]))
-    cfg["channels"] = 3
-    torch.manual_seed(0)
-    G, D = build_models(cfg)
-    with torch.no_grad():
-        for p in D.parameters():
-            p.normal_(0, 0.3)
-        for name, b in D.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 2)
-    opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
-    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
-    ckpt_file.save({"config": cfg, "G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
-                     "opt_D": opt_D.state_dict(), "epoch": 0, "done_in_epoch": 0, "step": 0,
-                     "fixed_noise": torch.randn(4, cfg["nz"]), "rng": {"torch": torch.get_rng_state(), "cuda": None}}, path, "training")
-    return str(path)
 
 
 def run_detect(argv):
     """detect.py on the CPU, where the scores are compared with the CPU model's to 1e-6 (a GPU's TF32 convolutions differ more)."""
     return detect.main([*argv, "--device", "cpu"])
+
+
+def result_json(out, path):
+    """The JSON detect.py keeps in --out for one input."""
+    return json.loads((out / "results" / (archive.Results.key(str(path)) + ".json")).read_text())
+
+
+def annotated(out, path, ext=".mp4"):
+    return out / "annotated" / (archive.Results.key(str(path)) + ext)
 
 
 def read_csv(path):
@@ -67,9 +53,12 @@ def read_csv(path):
 def test_video_report(tmp_path, checkpoint, monkeypatch):
     video = write_video(tmp_path / "face.mp4", 40)
     out = tmp_path / "out"
-    clock = iter([100.0, 102.75])  # scoring reads the clock as it starts and as it ends
-    monkeypatch.setattr(detector, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "8", "--out", str(out)]) == 0
+    # finding the faces reads the clock as it starts and ends, and so does scoring them: 1.5 s and 1.25 s
+    clock = iter([100.0, 101.5, 200.0, 201.25])
+    fake_time = SimpleNamespace(perf_counter=lambda: next(clock), strftime=time.strftime)
+    monkeypatch.setattr(detector, "time", fake_time)
+    monkeypatch.setattr(archive, "time", fake_time)
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "8", "--out", str(out), "--workers", "0"]) == 0
     monkeypatch.undo()
 
     [row] = read_csv(out / "summary.csv")
@@ -85,14 +74,17 @@ def test_video_report(tmp_path, checkpoint, monkeypatch):
     assert row["verdict"] == ("fake" if float(row["label"]) >= threshold else "real")
     assert float(row["share_above_threshold"]) == pytest.approx(np.mean([s >= threshold for s in scores]))
 
-    report = json.loads((out / "face.json").read_text())
+    report = result_json(out, video)
     assert report["frames_sampled"] == 8 and report["frames_total"] == 40
     assert [f["index"] for f in report["frames"]] == sample_indices(40, 8)
     assert report["score"] == float(row["label"])  # the CSV reads back to the very float
     assert [fr["score"] for fr in report["frames"]] == scores
     assert report["seconds"] == float(row["seconds"])
 
-    # --every K samples every K-th frame, and the threshold can be overridden
+    # --every K samples every K-th frame, and the threshold can be overridden: other settings, so another --out
+    with pytest.raises(UserError, match="holds results made by another detector or with other settings .* every, frames, threshold"):
+        run_detect([video, "--checkpoint", checkpoint, "--every", "5", "--threshold", "0", "--out", str(out)])
+    out = tmp_path / "every-5"
     assert run_detect([video, "--checkpoint", checkpoint, "--every", "5", "--threshold", "0", "--out", str(out)]) == 0
     [row] = read_csv(out / "summary.csv")
     assert row["frames"] == "8" and row["verdict"] == "fake" and row["share_above_threshold"] == "1.0"
@@ -106,7 +98,7 @@ def test_crop_scores_like_the_tensor(tmp_path, checkpoint):
     assert run_detect([video, "--checkpoint", checkpoint, "--frames", "4", "--out", str(out)]) == 0
     model, _, _, cfg = load_detector(checkpoint)
     frames = decode_all(video)
-    report = json.loads((out / "face.json").read_text())
+    report = result_json(out, video)
     for fr in report["frames"]:
         [face] = fr["faces"]
         x0, y0, side = face["crop"]
@@ -126,7 +118,7 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
     (folder / "notes.txt").write_text("not an image; folders may hold such files")
     out = tmp_path / "out"
     assert run_detect([str(folder), "--faces", "none", "--checkpoint", checkpoint, "--out", str(out), "--annotate"]) == 0
-    with Image.open(out / "c.annotated.png") as im:
+    with Image.open(annotated(out, paths[2], ".png")) as im:
         assert im.size == (48, 48)
     rows = read_csv(out / "summary.csv")
     assert [r["filename"] for r in rows] == [str(p) for p in paths]
@@ -200,19 +192,20 @@ def test_annotated_video_keeps_every_frame(tmp_path, checkpoint):
     video = write_video(tmp_path / "face.mp4", 15)
     out = tmp_path / "out"
     assert run_detect([video, "--checkpoint", checkpoint, "--frames", "5", "--out", str(out), "--annotate"]) == 0
-    original, annotated = decode_all(video), decode_all(out / "face.annotated.mp4")
-    assert len(annotated) == len(original) == 15
-    assert annotated[0].shape == original[0].shape
+    original, boxed = decode_all(video), decode_all(annotated(out, video))
+    assert len(boxed) == len(original) == 15
+    assert boxed[0].shape == original[0].shape
     # the box is drawn in the verdict's colour (red at or above the threshold, green below), which the grey frame lacks
     colourful = lambda f: ((f[..., 2].astype(int) < 80) & (f[..., :2].max(-1) > 180)).sum()
-    assert colourful(annotated[0]) > 50 > colourful(original[0])
+    assert colourful(boxed[0]) > 50 > colourful(original[0])
     red = lambda f: ((f[..., 0].astype(int) > 180) & (f[..., 1:].max(-1) < 80)).sum()
     green = lambda f: ((f[..., 1].astype(int) > 150) & (f[..., [0, 2]].max(-1) < 80)).sum()
-    score = json.loads((out / "face.json").read_text())["frames"][0]["score"]  # the face boxed in frame 0
+    score = result_json(out, video)["frames"][0]["score"]  # the face boxed in frame 0
     for threshold, colour in ((score - 0.01, red), (score + 0.01, green)):
-        assert run_detect([video, "--checkpoint", checkpoint, "--frames", "5", "--out", str(out), "--annotate",
+        again = tmp_path / f"out-{threshold}"  # another threshold is another run: its own --out
+        assert run_detect([video, "--checkpoint", checkpoint, "--frames", "5", "--out", str(again), "--annotate",
                            "--threshold", str(threshold)]) == 0
-        assert colour(decode_all(out / "face.annotated.mp4")[0]) > 50
+        assert colour(decode_all(annotated(again, video))[0]) > 50
 
 
 def test_extract_follows_each_person_across_frames(tmp_path):
@@ -247,19 +240,24 @@ def test_extracted_crops_are_the_scored_crops(tmp_path, checkpoint):
 def test_a_frame_scores_its_most_fake_looking_face(tmp_path, checkpoint):
     video = write_video(tmp_path / "two.mp4", 6, draw=two_faces)
     out = tmp_path / "out"
-    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "3", "--max-faces", "2", "--out", str(out),
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "3", "--out", str(out),
                         "--tensorboard", str(tmp_path / "tb")]) == 0
-    report = json.loads((out / "two.json").read_text())
-    assert report["faces"] == 6
+    report = result_json(out, video)
+    assert report["faces"] == 6 and report["people"] == 2  # every person counts by default
     for fr in report["frames"]:
         assert len(fr["faces"]) == 2 and fr["score"] == max(f["score"] for f in fr["faces"])
     assert report["score"] == pytest.approx(np.mean([fr["score"] for fr in report["frames"]]))
-    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "3", "--out", str(out)]) == 0
-    assert json.loads((out / "two.json").read_text())["faces"] == 3  # one face a frame by default, the largest
+    # each person has a score of their own, the most fake-looking first
+    by_track = {t: [f["score"] for fr in report["frames"] for f in fr["faces"] if f["track"] == t] for t in (0, 1)}
+    assert [(t["track"], t["frames"]) for t in report["tracks"]] == sorted(((t, 3) for t in (0, 1)), key=lambda p: -np.mean(by_track[p[0]]))
+    assert [t["score"] for t in report["tracks"]] == pytest.approx(sorted((np.mean(s) for s in by_track.values()), reverse=True))
+    main_only = tmp_path / "main-only"
+    assert run_detect([video, "--checkpoint", checkpoint, "--frames", "3", "--max-faces", "1", "--out", str(main_only)]) == 0
+    assert result_json(main_only, video)["faces"] == 3  # --max-faces 1: the main person alone
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
-    curve = events.Scalars("score/two")
+    curve = events.Scalars(f"score/{archive.Results.key(video)}")
     assert [e.step for e in curve] == [fr["index"] for fr in report["frames"]]
     assert [e.value for e in curve] == pytest.approx([fr["score"] for fr in report["frames"]])
 
@@ -290,7 +288,7 @@ def test_a_one_frame_distractor_does_not_change_the_score(tmp_path, checkpoint):
     odd = write_lossless(tmp_path / "odd.mov", [scene(i, distractor=i == 3) for i in range(8)])
     out = tmp_path / "out"
     assert run_detect([clean, odd, "--checkpoint", checkpoint, "--out", str(out)]) == 0
-    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in ("clean", "odd")}
+    reports = {name: result_json(out, path) for name, path in (("clean", clean), ("odd", odd))}
     [frame] = [fr for fr in reports["odd"]["frames"] if fr["index"] == 3]
     [other] = frame["others"]
     assert other["box"][2] > frame["faces"][0]["box"][2], "the distractor was found, and is the larger face"
@@ -310,7 +308,7 @@ def test_a_one_frame_distractor_does_not_change_the_score(tmp_path, checkpoint):
     assert detector.video_scores(model, [(crops, frames)], "cpu")[0][0] == pytest.approx(reports["odd"]["score"], abs=1e-5)
 
 
-def test_report_html_names_every_input_and_embeds_its_images(tmp_path, checkpoint):
+def test_report_html_names_every_input_and_links_a_page_with_its_images(tmp_path, checkpoint):
     import base64
     import html
     import re
@@ -323,29 +321,35 @@ def test_report_html_names_every_input_and_embeds_its_images(tmp_path, checkpoin
     page = (out / "report.html").read_text()
     for path in videos + [str(folder / "broken.mp4")]:
         assert html.escape(path) in page
-    assert "http://" not in page and "https://" not in page  # nothing to fetch: it opens offline
-    images = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', page)
-    assert len(images) == 8  # the scored crops of the two videos with a face, 4 each
-    with Image.open(io.BytesIO(base64.b64decode(images[0]))) as im:
+    links = re.findall(r'<a href="(results/[^"]+\.html)">', page)
+    assert len(links) == 3  # a page for each input that was scored, none for the one that failed
+    pages = [(out / html.unescape(link)).read_text() for link in links]
+    for text in [page] + pages:
+        assert "http://" not in text and "https://" not in text  # nothing to fetch: it opens offline
+    images = [re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', p) for p in pages]
+    assert sorted(len(i) for i in images) == [0, 4, 4]  # the scored crops of the two videos with a face, 4 each
+    with Image.open(io.BytesIO(base64.b64decode(max(images)[0]))) as im:
         assert im.size == (32, 32)  # the model's input
-    assert page.count("<svg") == 3 and page.count("<polyline") == 2
+    assert sum(p.count("<polyline") for p in pages) == 2 and all(p.count("<svg") == 1 for p in pages)
+    assert "<img" not in page  # the table stays light however many inputs there are
 
 
-def test_odd_names_are_scored_and_annotations_never_overwrite_an_input(tmp_path, checkpoint, capsys):
+def test_odd_names_are_scored_and_outputs_never_overwrite_nor_become_inputs(tmp_path, checkpoint, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     for name in (".mp4", "..mp4", "X.mp4"):
         write_video(folder / name, 6)
-    earlier = write_video(folder / "X.annotated.mp4", 6, draw=two_faces)  # an annotated copy from an earlier run, now an input
-    before = open(earlier, "rb").read()
-    assert run_detect([str(folder), "--checkpoint", checkpoint, "--frames", "3", "--out", str(folder), "--annotate"]) == 0
+    argv = [str(folder), "--checkpoint", checkpoint, "--frames", "3", "--out", str(folder), "--annotate"]  # --out inside the input
+    assert run_detect(argv) == 0
     assert "Traceback" not in capsys.readouterr().err
     rows = {os.path.basename(r["filename"]): r for r in read_csv(folder / "summary.csv")}
-    assert {rows[n]["verdict"] for n in (".mp4", "..mp4", "X.mp4")} <= {"real", "fake"}
-    assert open(earlier, "rb").read() == before
-    assert len(decode_all(folder / "X.annotated_2.mp4")) == 6
-    outputs = set(os.listdir(folder))
-    assert {"unnamed.json", "unnamed_2.json", "unnamed.annotated.mp4", "unnamed_2.annotated.mp4"} <= outputs
+    assert set(rows) == {".mp4", "..mp4", "X.mp4"} and {r["verdict"] for r in rows.values()} <= {"real", "fake"}
+    keys = {archive.Results.key(str(folder / n)) for n in rows}
+    assert len(keys) == 3 and all(not k.startswith(".") for k in keys)  # no hidden files, no two inputs on one name
+    assert sorted(os.listdir(folder / "annotated")) == sorted(k + ".mp4" for k in keys)
+    assert run_detect(argv) == 0  # again: the annotated copies in --out are not inputs, and nothing is scored twice
+    assert len(read_csv(folder / "summary.csv")) == 3
+    assert "0 inputs scored (none); 3 had a result already" in capsys.readouterr().out
 
 
 def test_an_annotation_that_cannot_be_written_loses_no_report(tmp_path, checkpoint, capsys, monkeypatch):
@@ -358,7 +362,7 @@ def test_an_annotation_that_cannot_be_written_loses_no_report(tmp_path, checkpoi
     err = capsys.readouterr().err
     assert sum(line.startswith(f"error: {video}: the annotated copy") for line in err.splitlines()) == 1
     [row] = read_csv(out / "summary.csv")
-    assert row["verdict"] in ("real", "fake") and (out / "report.html").exists() and (out / "face.json").exists()
+    assert row["verdict"] in ("real", "fake") and (out / "report.html").exists() and result_json(out, video)["score"] is not None
 
 
 def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
@@ -372,7 +376,7 @@ def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
 def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored(tmp_path, checkpoint, capsys, monkeypatch):
     (tmp_path / "taken").write_text("a file where a folder should go")
     video = write_video(tmp_path / "face.mp4", 3)
-    monkeypatch.setattr(detect, "score_input", lambda *a, **k: pytest.fail("scored before the outputs were checked"))
+    monkeypatch.setattr(detect, "score_one", lambda *a, **k: pytest.fail("scored before the outputs were checked"))
     argv = [video, "--checkpoint", checkpoint, "--tensorboard", str(tmp_path / "taken" / "tb"), "--device", "cpu"]
     assert run_cli(detect.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -382,6 +386,6 @@ def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored
 def test_a_fifo_or_a_device_on_the_command_line_is_named_as_what_it_is(tmp_path):
     os.mkfifo(tmp_path / "pipe")  # no media extension: once "is not a video", with .mp4 once "an empty file (0 bytes)"
     os.mkfifo(tmp_path / "pipe.mp4")
-    found = detect.list_inputs([str(tmp_path / "pipe"), str(tmp_path / "pipe.mp4"), "/dev/null"])
+    found = list(archive.list_inputs([str(tmp_path / "pipe"), str(tmp_path / "pipe.mp4"), "/dev/null"]))
     assert [problem for _, _, problem in found] == ["is a FIFO (named pipe), not a video or image file"] * 2 + [
         "is a character device, not a video or image file"]

@@ -77,7 +77,11 @@ def test_tracks_follow_a_moving_head_and_keep_people_apart():
     moved = (180, 90, 100, 130)  # 0.9 face widths on, as a swaying head between sampled frames
     frames = [[person, other], [other, moved], [], [(185, 92, 98, 128)], [(600, 300, 30, 40)]]
     assert faces.link_tracks(frames) == [[0, 1], [1, 0], [], [0], [2]]
-    assert faces.main_tracks(frames, faces.link_tracks(frames), 1) == {0}  # seen in the most frames
+    tracks = faces.link_tracks(frames)
+    assert faces.counted_tracks(frames, tracks, 1) == {0}  # seen in the most frames
+    # every person seen in two frames (of five) counts; the face seen once does not
+    assert faces.counted_tracks(frames, tracks) == {0, 1}
+    assert faces.counted_tracks(frames[:1], tracks[:1]) == {0, 1}  # an image: every face in it
 
 
 def test_the_finder_keeps_its_memory_flat_where_slimefaces_wrapper_grows():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import archive
 import checkpoint
 import data
 import detect
@@ -133,7 +134,7 @@ def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_eva
     video_entry = info["folders"][str(videos)]
     test_video = os.path.join(str(videos), video_entry["split"]["test"]["files"][0])
     assert detect.main([test_video, "--checkpoint", out, "--out", str(tmp_path / "report")]) == 0
-    scored = json.loads((tmp_path / "report" / (os.path.splitext(os.path.basename(test_video))[0] + ".json")).read_text())
+    scored = json.loads((tmp_path / "report" / "results" / (archive.Results.key(test_video) + ".json")).read_text())
     assert scored["frames_scored"] == 3  # the detector's own frames and finder (none), with no flag given
     assert scored["score"] == pytest.approx(video_entry["test"]["files"][test_video]["score"], abs=1e-5)
 
@@ -194,13 +195,13 @@ def test_detect_without_a_checkpoint_uses_the_shipped_detector_its_size_and_fram
     dcfg = checkpoint.detector_config(ARCH, 48, framing=framing, faces={"faces": "haar", "detect_size": 320, "max_faces": 1}, frames=4)
     shipped = tmp_path / "shipped.pt"
     checkpoint.save_detector(str(shipped), model.eval(), 0.5, dcfg, method="trained")
-    monkeypatch.setattr(detect, "SHIPPED_DETECTOR", str(shipped))
+    monkeypatch.setattr(checkpoint, "SHIPPED_DETECTOR", str(shipped))
     seen = []
     real_forward = detector.Detector.forward
     monkeypatch.setattr(detector.Detector, "forward", lambda self, x: seen.append(tuple(x.shape[1:])) or real_forward(self, x))
     video = write_video(tmp_path / "face.mp4", 12)
     assert detect.main([video, "--out", str(tmp_path / "out")]) == 0
-    result = json.loads((tmp_path / "out" / "face.json").read_text())
+    result = json.loads((tmp_path / "out" / "results" / (archive.Results.key(video) + ".json")).read_text())
     assert result["frames_sampled"] == 4 and seen and set(seen) == {(3, 48, 48)}
     face = result["frames"][0]["faces"][0]
     # the square is the stored framing, in the Haar cascade's box units

@@ -1,0 +1,227 @@
+"""Scoring a whole archive: inputs listed lazily, their faces found in worker processes, each result kept as it is made.
+
+detect.py is the program; these are its pieces for many inputs:
+- `list_inputs`: the command line's files and folders, one input at a time (a folder of a
+  million videos is never a list in memory), in a fixed order every process agrees on;
+- `shard`: this process's share of them under torchrun (every world_size-th, from its rank);
+- `faces_in_order`: the inputs' faces found by `--workers` processes while the main process
+  scores, results handed back in input order, at most a few inputs ahead (bounded memory);
+- `Results`: the --out folder as the record of a run: one JSON per input, written atomically
+  the moment it is scored, and an append-only log, so a run stopped any way at all (Ctrl-C,
+  kill -9, a reboot) loses only the inputs in flight, and the same command again scores only the rest.
+
+No torch here: the worker processes are forked from a main process that has not loaded
+torch yet where they can be, and never need it, so each starts in a fraction of a second.
+"""
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+from cli import UserError, make_folder, write_text
+from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_input, media_kind, walk_files
+
+NOT_MEDIA = "is not a video (mp4, avi, mov, mkv, webm) or an image (jpg, jpeg, png, webp, bmp)"
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+def list_inputs(paths, leave_out=()):
+    """Command-line paths -> (path, kind or None, problem or None) one at a time, folders walked recursively in a fixed order.
+
+    A file named on the command line with an unknown extension is a failed input; inside a
+    folder it is passed over, since folders hold notes and thumbnails. Files under the folders
+    in leave_out (detect.py's own outputs, where --out lies inside an input folder) are never inputs.
+    """
+    leave_out = tuple(os.path.join(os.path.realpath(f), "") for f in leave_out)
+    for path in paths:
+        if os.path.isdir(path):
+            for f in walk_files(path, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS):
+                if not os.path.realpath(f).startswith(leave_out):
+                    yield f, media_kind(f), None
+        elif not os.path.exists(path):
+            yield path, None, "does not exist"
+        elif not os.path.isfile(path):  # a FIFO or a device: said as what it is, whatever its name
+            try:
+                check_input(path)
+            except UserError as e:
+                yield path, None, str(e)
+            else:
+                yield path, media_kind(path), None
+        elif media_kind(path) is None:
+            yield path, None, NOT_MEDIA
+        else:
+            yield path, media_kind(path), None
+
+
+def shard(items, rank, world_size):
+    """Every world_size-th item from the rank-th: each of torchrun's processes takes its own share, none twice."""
+    for i, item in enumerate(items):
+        if i % world_size == rank:
+            yield item
+
+
+# -----------------------------------------------------------------------------
+# the faces of many inputs, found in worker processes
+
+_finder = []  # this process's face finder, made once by _start_worker (or in the main process for --workers 0)
+
+
+def _start_worker(flags, framing, ignore_ctrl_c):
+    import argparse
+    from faces import from_flags
+    if ignore_ctrl_c:  # Ctrl-C is the main process's to handle: it stops the pool and keeps what was scored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _finder[:] = [from_flags(argparse.Namespace(**flags), framing, quiet=True)[0]]
+
+
+def _find_faces(job):
+    """One input's faces -> {"info", "records", "seconds"} or {"error"}; pixels at the model's size (uint8 arrays)."""
+    from faces import media_faces
+    (path, kind, problem), frames, every, size = job
+    t0 = time.perf_counter()
+    try:
+        if problem:
+            raise UserError(problem)
+        info, records = media_faces(path, kind, _finder[0], frames=frames, every=every, size=size)
+    except UserError as e:
+        return {"error": str(e)}
+    return {"info": info, "records": records, "seconds": time.perf_counter() - t0}
+
+
+def faces_in_order(inputs, *, workers, flags, framing, frames, every, size):
+    """(input, its faces) for each of inputs, in their order, found by `workers` processes (0: in this one).
+
+    The pool's equivalent of a DataLoader over inputs: each worker decodes and finds the faces of
+    one input at a time, while the caller scores the ones before it. At most two inputs a worker
+    are in flight, so memory does not grow with the archive, however slow the scoring.
+    flags, framing: the face finder's, as faces.from_flags takes them (every worker makes its own).
+    """
+    jobs = ((item, frames, every, size) for item in inputs)
+    if workers == 0:
+        _start_worker(flags, framing, ignore_ctrl_c=False)
+        for job in jobs:
+            yield job[0], _find_faces(job)
+        return
+    # fork where there is one: no re-import, so a worker starts at once; elsewhere (macOS, Windows) spawn
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                  initargs=(flags, framing, True))
+    window = collections.deque()
+    try:
+        for job in jobs:
+            window.append((job[0], pool.submit(_find_faces, job)))
+            if len(window) >= 2 * workers:
+                yield _next(window)
+        while window:
+            yield _next(window)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _next(window):
+    item, future = window.popleft()
+    try:
+        return item, future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        in_flight = [item[0]] + [i[0] for i, _ in window]
+        raise UserError(f"a worker process died while finding the faces of one of {', '.join(in_flight)} (a decoder crash, "
+                        "or out of memory); what was scored is kept: move that file away and run the same command again") from None
+
+
+# -----------------------------------------------------------------------------
+# the --out folder: one result per input, written as it is made
+
+class Results:
+    """The --out folder of a run: RUN.json (what scored it), results/KEY.json per input, log.jsonl, annotated/.
+
+    An input's KEY is its file name's stem and a hash of its absolute path: the same for the
+    same input in every run and every process, unique among inputs, and no list of taken names
+    is kept. A scored input is KEY.json; one that failed is KEY.error.json, so it is tried again
+    by the next run (a truncated download may have been fetched again since) while what scored
+    is never scored twice.
+    """
+
+    def __init__(self, out, settings, rank=0):
+        self.out, self.rank = out, rank
+        self.folder = os.path.join(out, "results")
+        self.annotated = os.path.join(out, "annotated")
+        self.log_path = os.path.join(out, "log.jsonl" if rank == 0 else f"log.{rank}.jsonl")
+        self.settings = settings
+
+    def open(self):
+        """Make the folders and record the settings; settings that differ from those stored are one UserError."""
+        path = os.path.join(self.out, "run.json")
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except FileNotFoundError:
+            stored = None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} cannot be read ({type(e).__name__}); give another --out, or delete {path} if the results "
+                            f"in {self.folder} were all made with these settings") from None
+        if stored is not None and stored != self.settings:
+            differ = sorted(k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k))
+            raise UserError(f"--out {self.out} holds results made by another detector or with other settings (they differ in: "
+                            f"{', '.join(differ)}); give another --out, or delete {self.folder} and {path} to score everything again")
+        make_folder(self.out, "--out folder")
+        make_folder(self.folder, "results folder")
+        if stored is None:
+            write_text(path, json.dumps(self.settings, indent=1, sort_keys=True))
+
+    @staticmethod
+    def key(path):
+        stem = os.path.basename(path)
+        for ext in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
+            if stem.lower().endswith(ext):
+                stem = stem[:-len(ext)]
+        # '.mp4' and '..mp4' are videos too: their stems would make hidden files or '..json'
+        stem = stem.strip(". ") or "unnamed"
+        return f"{stem[:80]}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:10]}"
+
+    def path_of(self, path, ending=".json"):
+        return os.path.join(self.folder, self.key(path) + ending)
+
+    def done(self, path):
+        return os.path.exists(self.path_of(path))
+
+    def load(self, path):
+        """The stored result of path (its error when it failed), or None when it has none yet."""
+        for ending in (".json", ".error.json"):
+            try:
+                with open(self.path_of(path, ending)) as f:
+                    return json.load(f)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):  # written atomically, so only a hand-edited file: score it again
+                return None
+        return None
+
+    def save(self, result):
+        """Write the result (atomically), then note it in the log; an error is kept apart, to be tried again."""
+        failed = "error" in result
+        write_text(self.path_of(result["file"], ".error.json" if failed else ".json"), json.dumps(result, indent=1))
+        if not failed:
+            try:
+                os.remove(self.path_of(result["file"], ".error.json"))
+            except FileNotFoundError:
+                pass
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "file": result["file"], "key": self.key(result["file"]),
+                "score": result.get("score"), "verdict": "error" if failed else result["verdict"]}
+        self.append_log(json.dumps(line) + "\n")
+
+    def append_log(self, text):
+        # one write to a file opened for appending: a kill leaves at most a last line cut short (the
+        # JSON beside it is the record; the log is its history). One log a process: appends from
+        # several machines to one file on a network disk may interleave.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
