@@ -10,8 +10,8 @@ detect.py is the program; these are its pieces for many inputs:
   the moment it is scored, and an append-only log, so a run stopped any way at all (Ctrl-C,
   kill -9, a reboot) loses only the inputs in flight, and the same command again scores only the rest.
 
-No torch here: the worker processes are forked from a main process that has not loaded
-torch yet where they can be, and never need it, so each starts in a fraction of a second.
+No torch here: the worker processes never load it (decoding and finding faces need PyAV,
+OpenCV and libfacedetection), so each starts in a fraction of a second and stays small.
 """
 
 import collections
@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 from cli import UserError, make_folder, write_text
@@ -73,12 +74,26 @@ def shard(items, rank, world_size):
 _finder = []  # this process's face finder, made once by _start_worker (or in the main process for --workers 0)
 
 
-def _start_worker(flags, framing, ignore_ctrl_c):
+def _start_worker(flags, framing, main_pid=None):
     import argparse
     from faces import from_flags
-    if ignore_ctrl_c:  # Ctrl-C is the main process's to handle: it stops the pool and keeps what was scored
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if main_pid is not None:  # a worker process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the pool and keeps what was scored
+        threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
     _finder[:] = [from_flags(argparse.Namespace(**flags), framing, quiet=True)[0]]
+
+
+def _exit_with(main_pid):
+    """End this worker once the main process is gone: killed with SIGKILL, it cannot tell its workers, which would
+    otherwise wait for work forever (each holds both ends of the pool's queue, so it never reads an end)."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(main_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # the pid was reused by another user's process: ours is gone
+            os._exit(0)
 
 
 def _find_faces(job):
@@ -105,14 +120,12 @@ def faces_in_order(inputs, *, workers, flags, framing, frames, every, size):
     """
     jobs = ((item, frames, every, size) for item in inputs)
     if workers == 0:
-        _start_worker(flags, framing, ignore_ctrl_c=False)
+        _start_worker(flags, framing)
         for job in jobs:
             yield job[0], _find_faces(job)
         return
-    # fork where there is one: no re-import, so a worker starts at once; elsewhere (macOS, Windows) spawn
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                                  initargs=(flags, framing, True))
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context(), initializer=_start_worker,
+                                                  initargs=(flags, framing, os.getpid()))
     window = collections.deque()
     try:
         for job in jobs:
@@ -123,6 +136,18 @@ def faces_in_order(inputs, *, workers, flags, framing, frames, every, size):
             yield _next(window)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _context():
+    """Workers forked from a small server process that has loaded only this module's imports (forkserver): not forked
+    from the main process, which by then holds torch, the model and threads (TensorBoard's writer, torchrun's gloo) that
+    a fork copies in whatever state they are; and no torch in them, so each starts at once. spawn where there is no
+    forkserver (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["archive", "faces", "video"])  # not detect.py: a worker needs none of the program
+    return context
 
 
 def _next(window):

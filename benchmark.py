@@ -588,15 +588,17 @@ def run_detect(argv, kill_after=None, env=None):
     """detect.py argv in a new process -> (seconds, peak resident bytes of it and its workers, exit status); SIGKILL after
     kill_after seconds if given."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        if kill_after is not None and time.perf_counter() - t0 > kill_after:
-            os.kill(proc.pid, signal.SIGKILL)
-        time.sleep(0.05)
-    err = proc.stderr.read()
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a pipe nobody reads until the end fills and blocks detect.py
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), *argv],
+                                stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            if kill_after is not None and time.perf_counter() - t0 > kill_after:
+                os.kill(proc.pid, signal.SIGKILL)
+            time.sleep(0.05)
+        log.seek(0)
+        err = log.read()
     if proc.returncode not in (0, 1, -signal.SIGKILL):
         raise UserError(f"detect.py {' '.join(argv)} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
     return time.perf_counter() - t0, peak, proc.returncode
@@ -705,6 +707,25 @@ def add_round_flags(parser, steps_help, rounds_help, warmup_help):
     parser.add_argument("--warmup", type=at_least(1), default=1, help=warmup_help)
 
 
+def add_archive_parser(sub):
+    a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively (../shared/data)")
+    a.add_argument("--checkpoint", default=None, help="detect.py's --checkpoint (default: the detector that ships)")
+    a.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "resume", "torchrun"], metavar="P,P",
+                   help="which measurements: speed, resume (with memory), torchrun")
+    a.add_argument("--videos", type=at_least(1), default=100, help="videos for the speed measurement")
+    a.add_argument("--workers", type=at_least(1), default=2, help="detect.py --workers, against --workers 0")
+    a.add_argument("--inputs", type=at_least(10), default=1000, help="inputs for the kill -9 and memory measurements")
+    a.add_argument("--video-share", type=float, default=0.1, help="the share of videos among them, the rest images")
+    a.add_argument("--kills", type=at_least(1), default=3, help="kill -9 at this many random moments before the last run")
+    a.add_argument("--torchrun-inputs", type=at_least(2), default=40, help="inputs for the torchrun measurement")
+    a.add_argument("--frames", type=at_least(1), default=None, help="detect.py --frames (default: the detector's)")
+    a.add_argument("--scratch", default=None, help="where the folders of links and the outputs go (a temporary folder)")
+    a.add_argument("--seed", type=int, default=0, help="for the moments of the kills")
+    a.set_defaults(run=bench_archive)
+
+
 def get_args_parser():
     p = ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -759,22 +780,7 @@ def get_args_parser():
     m.add_argument("--height", type=at_least(32), default=360, help="frame height")
     m.set_defaults(run=bench_finder_memory)
 
-    a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively (../shared/data)")
-    a.add_argument("--checkpoint", default=None, help="detect.py's --checkpoint (default: the detector that ships)")
-    a.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "resume", "torchrun"], metavar="P,P",
-                   help="which measurements: speed, resume (with memory), torchrun")
-    a.add_argument("--videos", type=at_least(1), default=100, help="videos for the speed measurement")
-    a.add_argument("--workers", type=at_least(1), default=2, help="detect.py --workers, against --workers 0")
-    a.add_argument("--inputs", type=at_least(10), default=1000, help="inputs for the kill -9 and memory measurements")
-    a.add_argument("--video-share", type=float, default=0.1, help="the share of videos among them, the rest images")
-    a.add_argument("--kills", type=at_least(1), default=3, help="kill -9 at this many random moments before the last run")
-    a.add_argument("--torchrun-inputs", type=at_least(2), default=40, help="inputs for the torchrun measurement")
-    a.add_argument("--frames", type=at_least(1), default=None, help="detect.py --frames (default: the detector's)")
-    a.add_argument("--scratch", default=None, help="where the folders of links and the outputs go (a temporary folder)")
-    a.add_argument("--seed", type=int, default=0, help="for the moments of the kills")
-    a.set_defaults(run=bench_archive)
+    add_archive_parser(sub)
     return p
 
 

@@ -31,8 +31,8 @@ import archive
 import faces
 from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, probability, run_cli, write_atomically, write_text
 
-# torch, the detector and the video encoder are imported where they are used: --help answers at
-# once, and the worker processes forked before torch loads start in a fraction of a second.
+# torch, the detector and the video encoder are imported where they are used, so --help answers
+# at once.
 
 
 def get_args_parser():

@@ -165,20 +165,40 @@ def test_torchrun_with_two_processes_equals_one(tmp_path, checkpoint, videos):
     assert sorted(halves[0] + halves[1]) == sorted(r["filename"] for r in summary(one)) and all(len(h) == 3 for h in halves)
 
 
-def test_a_killed_run_loses_nothing_it_wrote(tmp_path, checkpoint, videos):
+def processes_with(marker):
+    """The pids of the processes whose environment holds marker (Linux /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through Linux's /proc")
+def test_a_killed_run_loses_nothing_it_wrote_and_leaves_no_worker(tmp_path, checkpoint, videos):
     whole = tmp_path / "whole"
     assert run_detect(videos, "--checkpoint", checkpoint, "--frames", "4", "--out", whole) == 0
     out = tmp_path / "out"
     argv = [sys.executable, os.path.join(ROOT, "detect.py"), str(videos), "--checkpoint", checkpoint, "--frames", "4",
             "--out", str(out), "--device", "cpu", "--workers", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    marker = f"detect-test-{os.getpid()}-{time.time()}"  # in the environment of the run, its workers and their server
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DETECT_TEST_MARKER": marker}
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and len([n for n in os.listdir(out / "results") if n.endswith(".json")] if (out / "results").exists() else []) < 2:
         time.sleep(0.02)
+    assert len(processes_with(marker)) >= 2  # the run and its worker
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.csv").exists()  # killed before the end
+    deadline = time.time() + 10
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_with(marker), "a worker outlived the run it worked for"
     assert subprocess.run(argv, capture_output=True, env=env, cwd=ROOT, timeout=120).returncode == 0
     assert summary(out) == summary(whole)
 
