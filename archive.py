@@ -16,11 +16,14 @@ OpenCV and libfacedetection), so each starts in a fraction of a second and stays
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -38,27 +41,40 @@ def list_inputs(paths, leave_out=()):
 
     A file named on the command line with an unknown extension is a failed input; inside a
     folder it is passed over, since folders hold notes and thumbnails. Files under the folders
-    in leave_out (detect.py's own outputs, where --out lies inside an input folder) are never inputs.
+    in leave_out (detect.py's own outputs, where --out lies inside an input folder) are never
+    inputs. A file is listed once however often the command line names it (twice, or as itself
+    and inside a folder, or in two nested folders): only the command line's own paths are
+    remembered, never the files of a folder, so memory stays flat.
     """
     leave_out = tuple(os.path.join(os.path.realpath(f), "") for f in leave_out)
+    files, folders = set(), []  # the command line's paths so far, as real paths
     for path in paths:
+        real = os.path.realpath(path)
+        if real in files or (os.path.exists(path) and real.startswith(tuple(folders))):
+            continue
         if os.path.isdir(path):
             for f in walk_files(path, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS):
-                if not os.path.realpath(f).startswith(leave_out):
+                found = os.path.realpath(f)
+                if not found.startswith(leave_out + tuple(folders)) and found not in files:
                     yield f, media_kind(f), None
-        elif not os.path.exists(path):
-            yield path, None, "does not exist"
-        elif not os.path.isfile(path):  # a FIFO or a device: said as what it is, whatever its name
-            try:
-                check_input(path)
-            except UserError as e:
-                yield path, None, str(e)
-            else:
-                yield path, media_kind(path), None
-        elif media_kind(path) is None:
-            yield path, None, NOT_MEDIA
-        else:
-            yield path, media_kind(path), None
+            folders.append(os.path.join(real, ""))
+            continue
+        files.add(real)
+        yield path, *_kind_or_problem(path)
+
+
+def _kind_or_problem(path):
+    """A path named on the command line that is not a folder -> (kind or None, problem or None)."""
+    if not os.path.exists(path):
+        return None, "does not exist"
+    if not os.path.isfile(path):  # a FIFO or a device: said as what it is, whatever its name
+        try:
+            check_input(path)
+        except UserError as e:
+            return None, str(e)
+    if media_kind(path) is None:
+        return None, NOT_MEDIA
+    return media_kind(path), None
 
 
 def shard(items, rank, world_size):
@@ -79,7 +95,8 @@ def _start_worker(flags, framing, main_pid=None):
     from faces import from_flags
     if main_pid is not None:  # a worker process
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the pool and keeps what was scored
-        threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
+        if os.name == "posix":  # os.kill(pid, 0) probes a process there; on Windows it would send a Ctrl-C
+            threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
     _finder[:] = [from_flags(argparse.Namespace(**flags), framing, quiet=True)[0]]
 
 
@@ -110,54 +127,103 @@ def _find_faces(job):
     return {"info": info, "records": records, "seconds": time.perf_counter() - t0}
 
 
-def faces_in_order(inputs, *, workers, flags, framing, frames, every, size):
+def faces_in_order(inputs, *, workers, flags, framing, frames, every, size, find=None):
     """(input, its faces) for each of inputs, in their order, found by `workers` processes (0: in this one).
 
     The pool's equivalent of a DataLoader over inputs: each worker decodes and finds the faces of
     one input at a time, while the caller scores the ones before it. At most two inputs a worker
-    are in flight, so memory does not grow with the archive, however slow the scoring.
-    flags, framing: the face finder's, as faces.from_flags takes them (every worker makes its own).
+    are in flight, so memory does not grow with the archive, however slow the scoring. A worker
+    that dies (a decoder that crashes, memory that runs out) costs one input: those in flight are
+    run again one at a time, each in a pool of its own, and the one that kills its worker is an
+    error. flags, framing: the face finder's, as faces.from_flags takes them (every worker makes
+    its own). find: what a worker does with a job (tests replace it).
     """
+    find = find or _find_faces
     jobs = ((item, frames, every, size) for item in inputs)
     if workers == 0:
         _start_worker(flags, framing)
         for job in jobs:
-            yield job[0], _find_faces(job)
+            yield job[0], find(job)
         return
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context(), initializer=_start_worker,
-                                                  initargs=(flags, framing, os.getpid()))
-    window = collections.deque()
+    pool, window = _pool(workers, flags, framing), collections.deque()
     try:
-        for job in jobs:
-            window.append((job[0], pool.submit(_find_faces, job)))
-            if len(window) >= 2 * workers:
-                yield _next(window)
-        while window:
-            yield _next(window)
+        for job in itertools.chain(jobs, [None]):  # None: no more jobs, empty the window
+            if job is not None:
+                window.append((job, _submit(pool, find, job)))
+            while window and (job is None or len(window) >= 2 * workers):
+                outcome = _outcome(window[0][1])
+                if outcome is _BROKEN:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for stuck, future in window:
+                        yield stuck[0], _alone(find, stuck, flags, framing) if _outcome(future) is _BROKEN else _outcome(future)
+                    window.clear()
+                    pool = _pool(workers, flags, framing)
+                    break
+                yield window.popleft()[0][0], outcome
+    except BaseException:  # Ctrl-C, or a full disk in the caller: stop the inputs in flight now, not after they finish
+        _terminate(pool)
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+_BROKEN = object()  # a job whose worker died
+
+
+def _pool(workers, flags, framing):
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context(), initializer=_start_worker,
+                                                  initargs=(flags, framing, os.getpid()))
+
+
+def _submit(pool, find, job):
+    try:
+        return pool.submit(find, job)
+    except concurrent.futures.process.BrokenProcessPool:  # a worker died since the last job was handed out
+        return None
+
+
+def _outcome(future):
+    if future is None:
+        return _BROKEN
+    try:
+        return future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        return _BROKEN
+
+
+def _alone(find, job, flags, framing):
+    """Run one job in a pool of its own: its outcome, or an error if it kills that worker too."""
+    pool = _pool(1, flags, framing)
+    try:
+        outcome = _outcome(_submit(pool, find, job))
+    finally:
+        pool.shutdown(wait=True)
+    if outcome is _BROKEN:
+        return {"error": "finding its faces killed the worker process (a crash in the video decoder or the face finder, "
+                         "or memory ran out); the other inputs were scored"}
+    return outcome
+
+
+def _terminate(pool):
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # earlier Pythons: the pool's own processes
+        process.terminate()
+
+
 def _context():
-    """Workers forked from a small server process that has loaded only this module's imports (forkserver): not forked
-    from the main process, which by then holds torch, the model and threads (TensorBoard's writer, torchrun's gloo) that
-    a fork copies in whatever state they are; and no torch in them, so each starts at once. spawn where there is no
+    """Workers forked from a small server process that has loaded only these modules (forkserver), not from the main
+    process, which by then holds torch, the model and threads (TensorBoard's writer, torchrun's gloo) that a fork copies
+    in whatever state they are. Each worker also imports the main script as multiprocessing does (__mp_main__), and
+    detect.py's top level loads no torch, so a worker never does (tested) and starts at once. spawn where there is no
     forkserver (Windows)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["archive", "faces", "video"])  # not detect.py: a worker needs none of the program
     return context
-
-
-def _next(window):
-    item, future = window.popleft()
-    try:
-        return item, future.result()
-    except concurrent.futures.process.BrokenProcessPool:
-        in_flight = [item[0]] + [i[0] for i, _ in window]
-        raise UserError(f"a worker process died while finding the faces of one of {', '.join(in_flight)} (a decoder crash, "
-                        "or out of memory); what was scored is kept: move that file away and run the same command again") from None
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +274,8 @@ class Results:
                 stem = stem[:-len(ext)]
         # '.mp4' and '..mp4' are videos too: their stems would make hidden files or '..json'
         stem = stem.strip(". ") or "unnamed"
-        return f"{stem[:80]}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:10]}"
+        # 16 hex digits: a million files of one name (*/video.mp4) share a key with odds of one in 37 million
+        return f"{stem[:80]}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]}"
 
     def path_of(self, path, ending=".json"):
         return os.path.join(self.folder, self.key(path) + ending)
@@ -217,14 +284,23 @@ class Results:
         return os.path.exists(self.path_of(path))
 
     def load(self, path):
-        """The stored result of path (its error when it failed), or None when it has none yet."""
+        """The stored result of path (its error when it failed), or None when it has none yet.
+
+        A result that cannot be read (written atomically, so edited by hand, or cut short by a
+        power cut before the disk had it) is removed with one line, so the next run scores it again.
+        """
         for ending in (".json", ".error.json"):
+            where = self.path_of(path, ending)
             try:
-                with open(self.path_of(path, ending)) as f:
+                with open(where) as f:
                     return json.load(f)
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError):  # written atomically, so only a hand-edited file: score it again
+            except (OSError, ValueError) as e:
+                print(f"warning: the result {where} of {path} cannot be read ({type(e).__name__}); removed, so that "
+                      "running the same command again scores it again", file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    os.remove(where)
                 return None
         return None
 

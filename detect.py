@@ -580,6 +580,8 @@ def print_table(results):
 # -----------------------------------------------------------------------------
 
 def check_args(args, place):
+    if args.extract and place.world > 1:
+        raise UserError("--extract runs in one process; run it without torchrun")
     if args.annotate and not args.out:
         raise UserError("--annotate writes into the --out folder; give --out DIR as well")
     if place.world > 1 and not args.out:

@@ -323,8 +323,8 @@ MIN_TRACK_SHARE = 0.2
 def counted_tracks(frames, tracks, n=None):
     """The tracks whose faces count: the main one, and every other seen in enough of the frames; at most n, the most seen."""
     ranked = ranked_tracks(frames, tracks)
-    if len(frames) == 1:  # an image: every face in it is a person
-        return set(ranked[:n])
+    if len(frames) == 1:  # an image: every face in it is a person, up to MOST_FACES (the extra candidates are for videos)
+        return set(ranked[:n or MOST_FACES])
     seen = seen_in(frames, tracks)
     enough = max(2, MIN_TRACK_SHARE * len(frames))
     return set([t for i, t in enumerate(ranked) if i == 0 or seen[t] >= enough][:n])

@@ -22,7 +22,7 @@ import data
 import detect
 import detector
 from cli import run_cli
-from helpers import ROOT, two_faces, write_video
+from helpers import ROOT, find_or_crash, two_faces, write_video
 
 
 def run_detect(*argv):
@@ -44,7 +44,7 @@ def videos(tmp_path_factory):
     """Six short videos, one with two people, and an image, in a folder with a subfolder."""
     folder = tmp_path_factory.mktemp("archive")
     (folder / "more").mkdir()
-    paths = [write_video(folder / f"v{i}.mp4", 4 + i) for i in range(4)]
+    paths = [write_video(folder / f"v{i}.mp4", 150 if i == 0 else 4 + i) for i in range(4)]  # the first the slowest
     paths.append(write_video(folder / "more" / "two.mp4", 6, draw=two_faces))
     paths.append(write_video(folder / "more" / "w.mp4", 5))
     return folder
@@ -103,6 +103,42 @@ def test_workers_give_the_same_results_in_the_same_order(tmp_path, checkpoint, v
         "v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4", "more/two.mp4", "more/w.mp4"]  # the folders' fixed order
     assert runs[0] == runs[2]
     assert (tmp_path / "w0" / "frames.csv").read_text() == (tmp_path / "w2" / "frames.csv").read_text()
+    # scored in input order, though the first video took longest to decode
+    logged = [json.loads(line)["file"] for line in (tmp_path / "w2" / "log.jsonl").read_text().splitlines()]
+    assert logged == [r["filename"] for r in runs[0]]
+
+
+def test_a_worker_that_dies_costs_its_input_alone():
+    items = [(f"/nowhere/{name}.png", "image", None) for name in ("a", "crash1", "b", "c", "crash2", "d")]
+    found = list(archive.faces_in_order(iter(items), workers=2, flags={"faces": "none", "detect_size": 320, "max_faces": None},
+                                        framing=None, frames=1, every=None, size=32, find=find_or_crash))
+    assert [item for item, _ in found] == items  # every input once, in order
+    for (path, _, _), outcome in found:
+        if "crash" in path:
+            assert "killed the worker process" in outcome["error"]
+        else:
+            assert outcome["path"] == path
+
+
+def test_an_input_named_twice_is_scored_once(tmp_path, checkpoint, videos):
+    out = tmp_path / "out"
+    video = str(videos / "more" / "w.mp4")
+    assert run_detect(video, videos / "more", video, videos, "--checkpoint", checkpoint, "--frames", "4", "--out", out) == 0
+    names = [r["filename"] for r in summary(out)]
+    assert names[0] == video and sorted(map(os.path.realpath, names)) == sorted({os.path.realpath(n) for n in names})
+    assert len(names) == 6  # each file of the folder once
+
+
+def test_a_result_that_cannot_be_read_is_scored_again(tmp_path, checkpoint, videos, capsys):
+    video = videos / "v1.mp4"
+    out = tmp_path / "out"
+    assert run_detect(video, "--checkpoint", checkpoint, "--frames", "4", "--out", out) == 0
+    before = summary(out)
+    (out / "results" / (archive.Results.key(str(video)) + ".json")).write_text('{"file": "cut sh')
+    assert run_detect(video, "--checkpoint", checkpoint, "--frames", "4", "--out", out) == 1  # found unreadable, left unscored
+    assert "cannot be read" in capsys.readouterr().err
+    assert run_detect(video, "--checkpoint", checkpoint, "--frames", "4", "--out", out) == 0  # then scored again
+    assert summary(out) == before
 
 
 def test_a_stopped_run_goes_on_where_it_stopped(tmp_path, checkpoint, videos, monkeypatch, capsys):
@@ -178,6 +214,14 @@ def processes_with(marker):
     return found
 
 
+def maps_torch(pid):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through Linux's /proc")
 def test_a_killed_run_loses_nothing_it_wrote_and_leaves_no_worker(tmp_path, checkpoint, videos):
     whole = tmp_path / "whole"
@@ -191,7 +235,9 @@ def test_a_killed_run_loses_nothing_it_wrote_and_leaves_no_worker(tmp_path, chec
     deadline = time.time() + 120
     while time.time() < deadline and len([n for n in os.listdir(out / "results") if n.endswith(".json")] if (out / "results").exists() else []) < 2:
         time.sleep(0.02)
-    assert len(processes_with(marker)) >= 2  # the run and its worker
+    running = processes_with(marker)
+    with_torch = [pid for pid in running if maps_torch(pid)]
+    assert len(with_torch) == 1 and len(running) >= 3  # torch in the main process alone: not in the worker nor its server
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.csv").exists()  # killed before the end
