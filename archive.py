@@ -50,7 +50,8 @@ def list_inputs(paths, leave_out=()):
     files, folders = set(), []  # the command line's paths so far, as real paths
     for path in paths:
         real = os.path.realpath(path)
-        if real in files or (os.path.exists(path) and real.startswith(tuple(folders))):
+        inside = os.path.join(real, "") if os.path.isdir(path) else real  # a folder named twice is inside itself
+        if real in files or (os.path.exists(path) and inside.startswith(tuple(folders))):
             continue
         if os.path.isdir(path):
             for f in walk_files(path, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS):
@@ -230,7 +231,7 @@ def _context():
 # the --out folder: one result per input, written as it is made
 
 class Results:
-    """The --out folder of a run: RUN.json (what scored it), results/KEY.json per input, log.jsonl, annotated/.
+    """The --out folder of a run: run.json (what scored it), results/KEY.json per input, log.jsonl, annotated/.
 
     An input's KEY is its file name's stem and a hash of its absolute path: the same for the
     same input in every run and every process, unique among inputs, and no list of taken names

@@ -123,7 +123,7 @@ def test_a_worker_that_dies_costs_its_input_alone():
 def test_an_input_named_twice_is_scored_once(tmp_path, checkpoint, videos):
     out = tmp_path / "out"
     video = str(videos / "more" / "w.mp4")
-    assert run_detect(video, videos / "more", video, videos, "--checkpoint", checkpoint, "--frames", "4", "--out", out) == 0
+    assert run_detect(video, videos / "more", video, videos, videos / "more", "--checkpoint", checkpoint, "--frames", "4", "--out", out) == 0
     names = [r["filename"] for r in summary(out)]
     assert names[0] == video and sorted(map(os.path.realpath, names)) == sorted({os.path.realpath(n) for n in names})
     assert len(names) == 6  # each file of the folder once
