@@ -407,8 +407,8 @@ def open_detector(args, place):
     device = pick_device(args.device)
     if device.type == "cuda" and device.index is None and place.world > 1:
         device = torch.device("cuda", place.local_rank % torch.cuda.device_count())  # each process its GPU
-    if device.type == "cpu":  # the cores this process has, less those its workers decode on
-        torch.set_num_threads(max(1, cores() // place.local_world - args.workers))
+    if device.type == "cpu":  # the cores this process has, less those its workers decode on; never more than OMP_NUM_THREADS says
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores() // place.local_world - args.workers)))
     source = args.checkpoint or SHIPPED_DETECTOR
     if args.checkpoint is None and not os.path.isfile(SHIPPED_DETECTOR):
         raise UserError(f"the detector that ships with the project, {SHIPPED_DETECTOR}, is missing; restore it with "
