@@ -67,7 +67,7 @@ def scene(i):
     im.paste(tinted_face(1, 110), (20 + i, 20))
     im.paste(tinted_face(5, 90, (255, 0, 0)), (200, 30))
     if i == 2:
-        im.paste(tinted_face(7, 80, (0, 0, 255)), (310, 40))
+        im.paste(tinted_face(7, 80, (0, 0, 255)), (300, 30))
     return np.asarray(im)
 
 
