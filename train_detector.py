@@ -56,7 +56,7 @@ import reports
 from blends import MASKS
 from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, regex, run_cli,
                  write_atomically)
-from video import VIDEO_EXTENSIONS, media_kind
+from video import VIDEO_EXTENSIONS
 
 RUNS = "runs/detector"
 
@@ -133,22 +133,12 @@ class Part:
         return {"files_real": count(0, False), "files_fake": count(1, False), "faces_real": count(0, True), "faces_fake": count(1, True)}
 
 
-def face_jobs(items, args, framing, as_crops):
-    """cache.many_media_faces jobs: images used as they are (face crops), videos and --real photos through the finder."""
-    flags = {"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces}
-    finder, settings = faces.from_flags(argparse.Namespace(**flags), framing, quiet=True)
-    jobs = []
-    for path in items:
-        crop = as_crops and media_kind(path) == "image"
-        jobs.append((path, media_kind(path), None if crop else flags, framing, {"faces": "none"} if crop else settings,
-                     args.frames, args.image_size, args.cache_dir))
-    return jobs
-
-
 def load_faces(paths, args, framing, as_crops, desc):
     """{path: (faces, positions, landmarks)} for the paths whose faces could be found; one warning line for each of the others."""
     found = {}
-    for path, result, problem in cache.many_media_faces(face_jobs(paths, args, framing, as_crops), args.workers, desc):
+    flags = {"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces}
+    jobs = cache.face_jobs(paths, flags, framing, args.frames, args.image_size, args.cache_dir, as_crops)
+    for path, result, problem in cache.many_media_faces(jobs, args.workers, desc):
         if problem or len(result[0]) == 0:
             tqdm.write(f"warning: {path}: {problem or f'no face found in {args.frames} sampled frames'}; left out", file=sys.stderr)
             continue

@@ -145,7 +145,8 @@ def test_a_full_face_cache_is_one_line_not_every_file_left_out(trained_run, tmp_
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(np, "savez", full_disk)
-    argv = [trained_run, "--faces", str(tmp_path / "faces"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    argv = [trained_run, "--faces", str(tmp_path / "faces"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--workers", "1"]  # in this process, where the full disk is patched in
     assert run_cli(evaluate.main, argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("files:")]  # less the bar
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'cache' / 'faces'}") and "No space left" in err[0]
