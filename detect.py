@@ -206,19 +206,19 @@ def detail_page(result, thumbnails, detector_kind):
         f'<tr><td class="num">{t["track"]}</td><td>{"counted" if t["counted"] else "left out (seen in too few frames)"}</td>'
         f'<td class="num">{t["frames"]}</td><td class="num">{t["score"]:.3f}</td><td class="num">{t["max"]:.3f}</td>'
         f'<td>{crop_strip(r, thumbnails, t["track"]) if t["counted"] else ""}</td></tr>' for t in r["tracks"])
-    score = "" if r["score"] is None else f' {r["score"]:.3f}'
+    score = " (no score;" if r["score"] is None else f' {r["score"]:.3f} (P(fake);'
+    people = ('<h2 style="font-size:1em">People (face tracks), most fake-looking first</h2>\n<table><tr><th>track</th><th></th>'
+              f'<th>frames</th><th>mean score</th><th>highest</th><th>what the model saw</th></tr>\n{people}</table>') if people else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{name}</title>{STYLE}</head><body>
 <p><a href="../report.html">all inputs</a></p>
 <h1 style="font-size:1.2em">{name}</h1>
-<p>{verdict_mark(r)}{score} (P(fake); threshold {r["threshold"]:.3f}; detector: {html.escape(detector_kind)}).
+<p>{verdict_mark(r)}{score} threshold {r["threshold"]:.3f}; detector: {html.escape(detector_kind)}).
 {r["frames_with_face"]} of {r["frames_scored"]} sampled frames show a face; {r["seconds"]:.1f} s.</p>
 <p>Score per frame over the video's time (a frame takes its most fake-looking counted face), the threshold dashed,
 red ticks where no face was found:</p>
 {score_plot(r["frames"], r["threshold"], duration)}
-<h2 style="font-size:1em">People (face tracks), most fake-looking first</h2>
-<table><tr><th>track</th><th></th><th>frames</th><th>mean score</th><th>highest</th><th>what the model saw</th></tr>
-{people}</table></body></html>
+{people}</body></html>
 """
 
 
