@@ -231,14 +231,14 @@ def _decode_chunk(job):
 # -----------------------------------------------------------------------------
 # face crops of videos and images, for the detector: found once per file and settings
 
-FACES_FORMAT = 3  # 3: landmarks beside the faces of the main tracks and their frames
+FACES_FORMAT = 3  # 3: landmarks beside the faces of the counted tracks and their frames
 
 
 def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     """The face crops of one video or image as the detector sees them -> (uint8 (N, S, S, 3), frame positions (N,),
     landmarks (N, 5, 2) in the crops' pixels, NaN where none were found).
 
-    From faces.media_faces, as detect.py scores them: the faces of the main tracks, framed and
+    From faces.media_faces, as detect.py scores them: the faces of the counted tracks (the finder's max_faces), framed and
     resized as detect.py frames and resizes them; an image with finder None is a face crop
     already and is taken whole. Frame positions number the sampled frames, so a video's score can
     be taken per frame. Kept in cache_dir/faces/ under a key of the file (path, size,

@@ -63,7 +63,7 @@ def get_args_parser():
                    help="also write a copy of each input into --out/annotated with the faces boxed and scored: green below the threshold, red at or above")
     g.add_argument("--tensorboard", metavar="DIR", default=None, help="log each video's per-frame scores to TensorBoard in DIR")
     g.add_argument("--extract", metavar="DIR", default=None,
-                   help="write the face crops of the main tracks as PNG into DIR instead of scoring, framed as train_detector.py frames "
+                   help="write the face crops of the main person (--max-faces: more) as PNG into DIR instead of scoring, framed as train_detector.py frames "
                         "a video's faces (or as --checkpoint's detector does); real/ and fake/ folders of them are train_detector.py --data")
     return p
 
