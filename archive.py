@@ -268,15 +268,19 @@ class Results:
             write_text(path, json.dumps(self.settings, indent=1, sort_keys=True))
 
     @staticmethod
-    def key(path):
+    def stem(path):
+        """The file name without its media extension, at most 80 characters, never hidden nor empty."""
         stem = os.path.basename(path)
         for ext in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
             if stem.lower().endswith(ext):
                 stem = stem[:-len(ext)]
         # '.mp4' and '..mp4' are videos too: their stems would make hidden files or '..json'
-        stem = stem.strip(". ") or "unnamed"
+        return (stem.strip(". ") or "unnamed")[:80]
+
+    @staticmethod
+    def key(path):
         # 16 hex digits: a million files of one name (*/video.mp4) share a key with odds of one in 37 million
-        return f"{stem[:80]}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]}"
+        return f"{Results.stem(path)}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]}"
 
     def path_of(self, path, ending=".json"):
         return os.path.join(self.folder, self.key(path) + ending)

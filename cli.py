@@ -99,6 +99,11 @@ def probability(text):
     return value
 
 
+def cores():
+    """The CPU cores this process may run on (all of the machine's where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # -----------------------------------------------------------------------------
 # --device and --precision
 

@@ -29,6 +29,7 @@ import sys
 
 import archive
 import faces
+import cli
 from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, probability, run_cli, write_atomically, write_text
 
 # torch, the detector and the video encoder are imported where they are used, so --help answers
@@ -202,13 +203,13 @@ def detail_page(result, thumbnails, detector_kind):
     """results/KEY.html: one input's score over time, each person's score and crops, what the model saw."""
     r, name = result, html.escape(result["file"])
     duration = r["frames_total"] / r["fps"] if r["fps"] else max([fr["time"] for fr in r["frames"]] + [0])
-    people = "".join(
+    rows = "".join(
         f'<tr><td class="num">{t["track"]}</td><td>{"counted" if t["counted"] else "left out (seen in too few frames)"}</td>'
         f'<td class="num">{t["frames"]}</td><td class="num">{t["score"]:.3f}</td><td class="num">{t["max"]:.3f}</td>'
         f'<td>{crop_strip(r, thumbnails, t["track"]) if t["counted"] else ""}</td></tr>' for t in r["tracks"])
     score = " (no score;" if r["score"] is None else f' {r["score"]:.3f} (P(fake);'
     people = ('<h2 style="font-size:1em">People (face tracks), most fake-looking first</h2>\n<table><tr><th>track</th><th></th>'
-              f'<th>frames</th><th>mean score</th><th>highest</th><th>what the model saw</th></tr>\n{people}</table>') if people else ""
+              f'<th>frames</th><th>mean score</th><th>highest</th><th>what the model saw</th></tr>\n{rows}</table>') if rows else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{name}</title>{STYLE}</head><body>
 <p><a href="../report.html">all inputs</a></p>
@@ -304,7 +305,7 @@ def boxed_video(path, f, by_index, threshold):
 
 def unique_stem(path, taken):
     """A file name stem for this input's crops that no other input has taken."""
-    stem = archive.Results.key(path).rsplit("-", 1)[0]
+    stem = archive.Results.stem(path)
     name, n = stem, 1
     while name in taken:
         n += 1
@@ -394,10 +395,6 @@ class Place:
                 dist.destroy_process_group()
 
 
-def cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def open_detector(args, place):
     """--checkpoint's detector, or the shipped one -> (model, threshold, kind, info, device), read before any frame is decoded."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read as torch loads: threads that spin while waiting for the workers take their cores
@@ -408,7 +405,7 @@ def open_detector(args, place):
     if device.type == "cuda" and device.index is None and place.world > 1:
         device = torch.device("cuda", place.local_rank % torch.cuda.device_count())  # each process its GPU
     if device.type == "cpu":  # the cores this process has, less those its workers decode on; never more than OMP_NUM_THREADS says
-        torch.set_num_threads(min(torch.get_num_threads(), max(1, cores() // place.local_world - args.workers)))
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, cli.cores() // place.local_world - args.workers)))
     source = args.checkpoint or SHIPPED_DETECTOR
     if args.checkpoint is None and not os.path.isfile(SHIPPED_DETECTOR):
         raise UserError(f"the detector that ships with the project, {SHIPPED_DETECTOR}, is missing; restore it with "
@@ -545,15 +542,18 @@ def list_inputs(args):
 def write_reports(args, results, detector_kind):
     """summary.csv, frames.csv and report.html from the stored results of every input, in input order -> {verdict: inputs}."""
     stored = lambda: ((item, results.load(item[0])) for item in list_inputs(args))
-    write_csv(os.path.join(args.out, "summary.csv"), SUMMARY_FIELDS,
-              ([summary_row(r, detector_kind).get(k, "") for k in SUMMARY_FIELDS] for _, r in stored() if r is not None))
-    write_csv(os.path.join(args.out, "frames.csv"), FRAME_FIELDS, frame_rows(r for _, r in stored() if r is not None))
     counts, first = {}, []
-    for item, r in stored():
-        verdict = "not scored yet" if r is None else r.get("verdict", "error")
-        counts[verdict] = counts.get(verdict, 0) + 1
-        if len(first) <= Tally.TABLE:
-            first.append(r or {"file": item[0], "error": "not scored yet"})
+
+    def summary_rows():  # counts the verdicts and keeps the first results for the table as it goes: one pass fewer
+        for item, r in stored():
+            verdict = "not scored yet" if r is None else r.get("verdict", "error")
+            counts[verdict] = counts.get(verdict, 0) + 1
+            if len(first) <= Tally.TABLE:
+                first.append(r or {"file": item[0], "error": "not scored yet"})
+            if r is not None:
+                yield [summary_row(r, detector_kind).get(k, "") for k in SUMMARY_FIELDS]
+    write_csv(os.path.join(args.out, "summary.csv"), SUMMARY_FIELDS, summary_rows())
+    write_csv(os.path.join(args.out, "frames.csv"), FRAME_FIELDS, frame_rows(r for _, r in stored() if r is not None))
     said = f"{sum(counts.values())} inputs: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     write_atomically(os.path.join(args.out, "report.html"),
                      lambda f: [f.write(piece.encode()) for piece in report_page(stored(), detector_kind, said)])
@@ -589,7 +589,7 @@ def check_args(args, place):
     if next(list_inputs(args), None) is None:
         raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
     if args.workers is None:
-        args.workers = max(1, cores() // place.local_world)
+        args.workers = max(1, cli.cores() // place.local_world)
 
 
 def tensorboard(args):
