@@ -147,9 +147,11 @@ def load_snapshots(run_dir, cfg, device, exclude_epoch=None):
 # -----------------------------------------------------------------------------
 # detector.pt and a detector training's state
 
-def detector_config(arch, image_size, *, ndf=None, framing=None, faces=None, frames=32):
-    """How to build a detector and feed it: the network, its input side, how faces are framed and found, frames per video."""
-    return {"arch": arch, "image_size": image_size, **({"ndf": ndf} if ndf else {}), "framing": framing or dict(CELEBA_FRAMING),
+def detector_config(arch, image_size, *, ndf=None, framing=None, faces=None, frames=32, normalize=None):
+    """How to build a detector and feed it: the network, its input side and pixel normalisation, how faces are framed and
+    found, frames per video."""
+    return {"arch": arch, "image_size": image_size, **({"ndf": ndf} if ndf else {}),
+            "normalize": normalize or detector.normalization(arch), "framing": framing or dict(CELEBA_FRAMING),
             "faces": faces or {"faces": "auto", "detect_size": 320, "max_faces": 1}, "frames": frames}
 
 
@@ -159,7 +161,8 @@ def gan_detector_config(cfg):
 
 
 def build_detector(dcfg):
-    return detector.build(dcfg["arch"], dcfg["image_size"], ndf=dcfg.get("ndf", 64))
+    """The network a detector config names, fed as its stored normalisation says (files written before it was stored: the arch's)."""
+    return detector.build(dcfg["arch"], dcfg["image_size"], ndf=dcfg.get("ndf", 64), normalize=dcfg.get("normalize"))
 
 
 def save_detector(path, model, threshold, dcfg, keep=False, **info):
@@ -217,12 +220,14 @@ def load_detector(path, device="cpu"):
 def _check_detector_config(dcfg, threshold, path):
     """Every field a detector file needs, checked before the network is built: one sentence for the first that is wrong.
 
-    framing, faces and frames may be absent (files written before they were stored: the
-    programs then use the defaults), but when present they must be what detect.py can use.
+    framing, faces, frames and normalize may be absent (files written before they were stored:
+    the programs then use the defaults), but when present they must be what detect.py can use.
     """
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     whole = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo
     framing, found, frames = dcfg.get("framing", CELEBA_FRAMING), dcfg.get("faces", {}), dcfg.get("frames", 32)
+    normalize = dcfg.get("normalize", detector.IMAGENET_NORMALIZE)
+    three = lambda v, lo: isinstance(v, list) and len(v) == 3 and all(number(x) and x > lo for x in v)
     checks = [
         (dcfg.get("arch") in detector.ARCHS, f"an unknown network {dcfg.get('arch')!r}"),
         (whole(dcfg.get("image_size"), 8), f"an image size of {dcfg.get('image_size')!r}"),
@@ -233,6 +238,8 @@ def _check_detector_config(dcfg, threshold, path):
         (isinstance(found, dict) and found.get("faces", "auto") in ("auto", *FINDERS) and whole(found.get("detect_size", 320), 64)
          and whole(found.get("max_faces", 1), 1), f"face finder settings of {found!r}"),
         (whole(frames, 1), f"{frames!r} frames a video"),
+        (isinstance(normalize, dict) and three(normalize.get("mean"), -math.inf) and three(normalize.get("std"), 0),
+         f"a pixel normalisation of {normalize!r} (it needs three means and three stds above 0)"),
     ]
     problems = [what for ok, what in checks if not ok]
     if problems:
@@ -240,15 +247,15 @@ def _check_detector_config(dcfg, threshold, path):
 
 
 def load_weights_file(path):
-    """A torchvision state dict in a local file (--weights), read with weights_only=True -> dict of tensors."""
+    """A state dict in a local file (--weights), read with weights_only=True -> dict of tensors."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read --weights {path} ({type(e).__name__}); give a torchvision state dict saved with torch.save") from None
+        raise UserError(f"cannot read --weights {path} ({type(e).__name__}); give a network's state dict saved with torch.save") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"--weights {path} is not a state dict of tensors; give a torchvision network's state_dict() saved with torch.save")
+        raise UserError(f"--weights {path} is not a state dict of tensors; give a network's state_dict() saved with torch.save")
     return state
 
 

@@ -223,12 +223,13 @@ red ticks where no face was found:</p>
 """
 
 
-def report_page(stored, detector_kind, counts):
+def report_page(stored, detector_kind, counts, meaning):
     """report.html as pieces of text, one table row per input as `stored` yields (input, result or None)."""
     yield f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>detect.py report</title>{STYLE}</head><body>
 <h1>detect.py report</h1>
 <p>Detector: {html.escape(detector_kind)}. A score is P(fake); red at or above the threshold (called fake), green below.
+{html.escape(meaning[0].upper() + meaning[1:])}.
 {counts}. Each name opens the input's page: its score over time, each person's score, and the crops the model saw.</p>
 <table><tr><th>input</th><th>verdict</th><th>score</th><th>people</th><th>frames with a face</th><th>seconds</th></tr>
 """
@@ -421,6 +422,18 @@ def open_detector(args, place):
     return model, threshold, kind, info, device
 
 
+def threshold_meaning(info, threshold, given):
+    """What a "fake" verdict means, in words, for the summary and report.html."""
+    if given is not None:
+        return f"fake means P(fake) >= {threshold:.3f}, the threshold you gave"
+    rate = info.get("false_alarm_rate")
+    if rate:
+        return (f"fake means P(fake) >= {threshold:.3f}, the detector's threshold, set so that at most 1 in {round(1 / rate)} of the "
+                f"real videos and faces it was checked on ({rate:.0%}) are called fake; on footage unlike those, expect more false alarms")
+    return (f"fake means P(fake) >= {threshold:.3f}, the detector's threshold, set for the best balanced accuracy on its "
+            "validation data, not for few false alarms")
+
+
 def run_settings(model, threshold, kind, info, face_settings, args):
     """What makes a result what it is, stored in --out/run.json: another detector or other settings there is one line."""
     import hashlib
@@ -539,7 +552,7 @@ def list_inputs(args):
 # -----------------------------------------------------------------------------
 # the reports, from every result in --out
 
-def write_reports(args, results, detector_kind):
+def write_reports(args, results, detector_kind, meaning):
     """summary.csv, frames.csv and report.html from the stored results of every input, in input order -> {verdict: inputs}."""
     stored = lambda: ((item, results.load(item[0])) for item in list_inputs(args))
     counts, first = {}, []
@@ -556,7 +569,7 @@ def write_reports(args, results, detector_kind):
     write_csv(os.path.join(args.out, "frames.csv"), FRAME_FIELDS, frame_rows(r for _, r in stored() if r is not None))
     said = f"{sum(counts.values())} inputs: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     write_atomically(os.path.join(args.out, "report.html"),
-                     lambda f: [f.write(piece.encode()) for piece in report_page(stored(), detector_kind, said)])
+                     lambda f: [f.write(piece.encode()) for piece in report_page(stored(), detector_kind, said, meaning)])
     if len(first) <= Tally.TABLE:  # a table for a few inputs; an archive's is in summary.csv and report.html
         print_table(first)
     print(said)
@@ -611,6 +624,7 @@ def main(argv=None):
         args.max_faces = args.max_faces or 1  # a training folder's label is its main person's
         return extract(list_inputs(args), finder_for(args, info).finder, args)
     model, threshold, detector_kind, info, device = open_detector(args, place)
+    meaning = threshold_meaning(info, threshold, args.threshold)
     finder = finder_for(args, info)
     scoring = Scoring(model, device, threshold, detector_kind, info["image_size"])
     results = None
@@ -627,10 +641,12 @@ def main(argv=None):
         if results is None and len(tally.first) <= Tally.TABLE:
             print_table(tally.first)
         print(tally.line(skipped), file=sys.stderr if place.world > 1 else sys.stdout)
+        if place.first:
+            print(meaning)
         place.barrier()  # every share scored: the reports cover all of them
         failed = tally.verdicts.get("error", 0)
         if results is not None and place.first:
-            counts = write_reports(args, results, detector_kind)
+            counts = write_reports(args, results, detector_kind, meaning)
             failed = counts.get("error", 0) + counts.get("not scored yet", 0)
     finally:
         if writer is not None:

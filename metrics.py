@@ -100,6 +100,21 @@ def pick_threshold(scores, labels):
     return float((thresholds[best] + below.max()) / 2) if len(below) else float(thresholds[best])
 
 
+def false_alarm_threshold(real_scores, rate):
+    """The lowest threshold on P(fake) at which at most `rate` of these real files' scores are called fake (score >= threshold).
+
+    With k = floor(rate * n) real files allowed above it, it lies just above the (k+1)-th highest
+    real score, so those k, and no more, are called fake. Few files mean few allowed: with 4
+    real videos and rate 0.05 none is, and the threshold lies above all four.
+    """
+    s = np.sort(np.asarray(real_scores, dtype=np.float64))[::-1]
+    if len(s) == 0:
+        raise ValueError("a false-alarm threshold needs real scores")
+    if not 0 <= rate < 1:
+        raise ValueError(f"a false-alarm rate is in [0, 1), got {rate}")
+    return float(min(1.0, np.nextafter(s[int(np.floor(rate * len(s)))], np.inf)))  # a real file at P(fake) 1.0 cannot be spared
+
+
 # -----------------------------------------------------------------------------
 # sliced Wasserstein distance on Laplacian pyramids (Karras et al. 2018)
 

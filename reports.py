@@ -81,6 +81,46 @@ def video_evaluation_table(report):
     return "\n".join(rows)
 
 
+# What happens to a video on its way to a user, for evaluate.py --robustness: {name: (H.264 CRF, scale of each side)}.
+# CRF 28 is a low-bitrate upload; x264's default CRF 23 at half the size is a messenger's or a small player's copy.
+REENCODINGS = {"CRF 28": (28, 1.0), "half size, CRF 23": (23, 0.5)}
+
+
+def robustness_report(items, scores, changed, threshold, root):
+    """[(path, label)], their original scores and {re-encoding: scores of the re-encoded copies} -> for the originals and each
+    re-encoding: AUC, real called fake, fakes caught, mean P(fake) of each class, pairs, and how far each score moved."""
+    labels = np.array([label for _, label in items])
+    out = {}
+    for name, s in {"original": scores, **changed}.items():
+        s = np.asarray(s, dtype=float)
+        ok = ~np.isnan(s) & ~np.isnan(scores)  # a copy in which no face is found has nothing to compare
+        entry = {"videos": int(ok.sum()), "real_called_fake": int((s[ok & (labels == 0)] >= threshold).sum()),
+                 "real": int((ok & (labels == 0)).sum()), "fakes_caught": int((s[ok & (labels == 1)] >= threshold).sum()),
+                 "fake": int((ok & (labels == 1)).sum()),
+                 "mean_real": float(s[ok & (labels == 0)].mean()) if (ok & (labels == 0)).any() else None,
+                 "mean_fake": float(s[ok & (labels == 1)].mean()) if (ok & (labels == 1)).any() else None,
+                 "pairs_fake_above_real": metrics.pair_wins({p: (v if np.isfinite(v) else None) for (p, _), v in zip(items, s)}, root)}
+        if len(set(labels[ok])) == 2:
+            entry["auc"] = detection_metrics(s[ok], labels[ok])["auc"]
+        moved = np.abs(s[ok] - scores[ok])
+        entry["mean_abs_change"], entry["max_abs_change"] = (float(moved.mean()), float(moved.max())) if ok.any() else (None, None)
+        entry["files"] = {p: None if np.isnan(v) else float(v) for (p, _), v in zip(items, s)}
+        out[name] = entry
+    return out
+
+
+def robustness_table(report):
+    rows = ["| videos | AUC | real called fake | fakes caught | pairs: fake above its twin | mean P(fake) real / fake | mean (max) change of P(fake) |",
+            "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for name, e in report.items():
+        wins, pairs = e["pairs_fake_above_real"]
+        change = "-" if name == "original" else f"{fmt(e['mean_abs_change'])} ({fmt(e['max_abs_change'])})"
+        rows.append(f"| {name} | {fmt(e.get('auc'))} | {e['real_called_fake']} of {e['real']} | {e['fakes_caught']} of {e['fake']} | "
+                    f"{f'{wins} of {pairs}' if pairs else '-'} | {fmt(e['mean_real'])} / {fmt(e['mean_fake'])} | {change} |")
+    return "\n".join(rows)
+
+
 def summary_table(report):
     rows = ["| test images | detector | AUC | AP | EER | TPR@1%FPR | accuracy @ threshold |", "|---|---|---|---|---|---|---|"]
     for condition, by_name in report["detection"].items():

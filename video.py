@@ -187,6 +187,27 @@ def all_frames(path):
     return rate, _decode_by_order(path)
 
 
+def reencode(path, f, crf=28, scale=1.0):
+    """The video at path, every frame upright, into the file f as H.264 at this CRF and scale (sides rounded to even):
+    what a platform or a messenger does to a video on its way to a user, for evaluate.py --robustness."""
+    rate, frames = all_frames(path)
+    with av.open(f, "w", format="mp4") as out:
+        enc = None
+        for i, _, image in frames:
+            if enc is None:
+                enc = out.add_stream("libx264", rate=rate)
+                enc.width, enc.height = (max(2, round(side * scale / 2) * 2) for side in (image.shape[1], image.shape[0]))
+                enc.pix_fmt = "yuv420p"
+                enc.options = {"crf": str(crf), "preset": "medium"}  # x264's default preset, as an upload would get
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if (frame.width, frame.height) != (enc.width, enc.height):
+                frame = frame.reformat(width=enc.width, height=enc.height, interpolation="AREA")
+            frame.pts, frame.time_base = i, Fraction(1) / rate
+            out.mux(enc.encode(frame))
+        if enc is not None:
+            out.mux(enc.encode())
+
+
 def read_image(path):
     """An image file as an RGB array (16-bit greyscale scaled to 8 bits, a very large image named in one warning)."""
     try:

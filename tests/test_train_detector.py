@@ -1,6 +1,7 @@
 """train_detector.py, evaluate.py --videos/--faces and detect.py's shipped detector, on tiny videos and face crops made here."""
 
 import csv
+import html
 import json
 import os
 import random
@@ -116,7 +117,7 @@ def train(tmp_path, folders, *extra, out="run"):
     return train_detector.main(argv), str(tmp_path / out)
 
 
-def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_evaluate_agree_with(tmp_path, folders, monkeypatch):
+def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_evaluate_agree_with(tmp_path, folders, monkeypatch, capsys):
     videos, crops = folders
     status, out = train(tmp_path, folders)
     assert status == 0
@@ -126,14 +127,20 @@ def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_eva
     for entry in info["folders"].values():  # no group in two parts
         groups = {part: set(entry["split"][part]["groups"]) for part in ("train", "valid", "test")}
         assert not (groups["train"] & groups["valid"]) and not (groups["train"] & groups["test"]) and not (groups["valid"] & groups["test"])
-    # the threshold is the one the validation files of both folders pick
-    valid = [f for entry in info["folders"].values() for f in entry["valid"]["files"].values()]
-    assert threshold == pytest.approx(metrics.pick_threshold([f["score"] for f in valid], [f["label"] for f in valid]))
+    # the threshold calls at most 5% of each folder's real validation files fake, and is the lowest that does
+    assert info["false_alarm_rate"] == 0.05
+    real = {root: [f["score"] for f in entry["valid"]["files"].values() if f["label"] == 0] for root, entry in info["folders"].items()}
+    assert all(np.mean(np.array(s) >= threshold) <= 0.05 for s in real.values())
+    assert threshold == max(metrics.false_alarm_threshold(s, 0.05) for s in real.values())
+    assert any(max(s) == np.nextafter(threshold, 0) for s in real.values())  # just above a real validation file: none lower would do
 
     # detect.py scores a held-out video as training's report did
     video_entry = info["folders"][str(videos)]
     test_video = os.path.join(str(videos), video_entry["split"]["test"]["files"][0])
     assert detect.main([test_video, "--checkpoint", out, "--out", str(tmp_path / "report")]) == 0
+    said = f"fake means P(fake) >= {threshold:.3f}, the detector's threshold, set so that at most 1 in 20 of the real videos and faces"
+    assert said in capsys.readouterr().out
+    assert html.escape(said[1:]) in (tmp_path / "report" / "report.html").read_text()
     scored = json.loads((tmp_path / "report" / "results" / (archive.Results.key(test_video) + ".json")).read_text())
     assert scored["frames_scored"] == 3  # the detector's own frames and finder (none), with no flag given
     assert scored["score"] == pytest.approx(video_entry["test"]["files"][test_video]["score"], abs=1e-5)
@@ -151,6 +158,37 @@ def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_eva
     crop_entry = info["folders"][str(crops)]
     assert faces["overall"]["auc"] == pytest.approx(crop_entry["test"]["overall"]["auc"])
     assert faces["frames"]["n_real"] + faces["frames"]["n_fake"] == len(crop_entry["split"]["test"]["files"])  # a face a crop
+
+
+def test_robustness_scores_every_video_again_as_reencoded_copies(tmp_path, folders, monkeypatch):
+    videos, _ = folders
+    out = train(tmp_path, folders)[1]
+    monkeypatch.chdir(tmp_path)
+    cache = str(tmp_path / "cache")
+    assert evaluate.main([out, "--videos", str(videos), "--robustness", "--cache-dir", cache, "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "run" / "detector-videos-videos.json").read_text())
+    rob = report["robustness"]
+    assert list(rob) == ["original", "CRF 28", "half size, CRF 23"]
+    assert rob["original"]["files"] == {p: e["score"] for p, e in report["files"].items()}
+    copies = sorted(os.listdir(tmp_path / "cache" / "reencoded"))
+    assert len(copies) == 2 * len(report["files"])
+    one = sorted(report["files"])[0]
+    stem = os.path.splitext(os.path.basename(one))[0]
+    half = next(c for c in copies if c.startswith(f"{stem}-crf23-x0.5-") and c.endswith(".mp4"))
+    with av.open(str(tmp_path / "cache" / "reencoded" / half)) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height, c.streams.video[0].frames) == (16, 16, 3)
+    # a copy is scored as detect.py scores it, and the change is measured against the original's score
+    assert detect.main([str(tmp_path / "cache" / "reencoded" / half), "--checkpoint", out, "--out", str(tmp_path / "report"), "--workers", "0"]) == 0
+    result = json.loads(next((tmp_path / "report" / "results").glob("*.json")).read_text())
+    assert result["score"] == pytest.approx(rob["half size, CRF 23"]["files"][one], abs=1e-6)
+    moved = [abs(rob["half size, CRF 23"]["files"][p] - s) for p, s in rob["original"]["files"].items()]
+    assert rob["half size, CRF 23"]["mean_abs_change"] == pytest.approx(np.mean(moved)) and max(moved) > 0
+    # the copies are made once: a second run re-encodes nothing
+    before = {c: os.stat(tmp_path / "cache" / "reencoded" / c).st_mtime_ns for c in copies}
+    assert evaluate.main([out, "--videos", str(videos), "--robustness", "--cache-dir", cache, "--workers", "1"]) == 0
+    assert before == {c: os.stat(tmp_path / "cache" / "reencoded" / c).st_mtime_ns for c in copies}
+    with pytest.raises(UserError, match="--robustness re-encodes the videos of --videos DIR"):
+        evaluate.main([out, "--faces", str(videos), "--robustness"])
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, folders, monkeypatch):
