@@ -468,6 +468,7 @@ class Progress:
     best_step: int = 0
     best: dict | None = None  # the best weights so far (a state dict on the CPU)
     seen: int = 0  # faces shown
+    seconds: float = 0.0  # spent training and validating, over every session of a resumed run
 
 
 def optimizer(model, arch, lr, steps, warmup=None):
@@ -494,7 +495,7 @@ def fit(model, opt, schedule, batches, *, steps, progress=None, validate=None, e
     """
     p = progress or Progress()
     model.train()
-    t0, last_save, seen0 = time.perf_counter(), time.perf_counter(), p.seen
+    t0, last_save, seen0, seconds0 = time.perf_counter(), time.perf_counter(), p.seen, p.seconds
     while p.step < steps:
         x, y = next(batches)
         loss = F.binary_cross_entropy_with_logits(model(x), y)
@@ -521,12 +522,14 @@ def fit(model, opt, schedule, batches, *, steps, progress=None, validate=None, e
             if on_eval is not None:
                 on_eval(p.step, score, detail)
             model.train()
+        p.seconds = seconds0 + time.perf_counter() - t0
         if saving:
             save(p)
             last_save = time.perf_counter()
         if stop:
             break
     check_finite(model, p.step)
+    p.seconds = seconds0 + time.perf_counter() - t0
     return p
 
 

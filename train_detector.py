@@ -35,7 +35,6 @@ import os
 import re
 import signal
 import sys
-import time
 
 # Training shares the CPU with the face finder's workers and, on a shared machine, with other
 # programs: OpenMP threads that spin while they wait for a core then slow every step several
@@ -321,7 +320,7 @@ def pick_threshold(valid, scores, rate):
     return max(metrics.false_alarm_threshold(scores[p.root][p.labels() == 0], rate) for p in valid)
 
 
-def finish(model, folders, args, out, progress, minutes, device):
+def finish(model, folders, args, out, progress, device):
     """The best weights, the threshold from the validation videos, each folder's test report; detector.pt and detector.json."""
     if progress.best is not None:
         model.load_state_dict(progress.best)
@@ -331,7 +330,8 @@ def finish(model, folders, args, out, progress, minutes, device):
     valid_scores = part_scores(model, valid, device)
     threshold = pick_threshold(valid, valid_scores, args.false_alarms)
     report = {"training": {"steps": progress.step, "best_step": progress.best_step, "faces_seen": progress.seen,
-                           "minutes": round(minutes, 1), "device": str(device), "valid_auc": progress.best_score},
+                           "minutes": round(progress.seconds / 60, 1), "faces_per_second": progress.seen / max(progress.seconds, 1e-9),
+                           "device": str(device), "valid_auc": progress.best_score},
               "folders": {}}
     for parts, groups in folders:
         root = parts["train"].root
@@ -353,10 +353,11 @@ def finish(model, folders, args, out, progress, minutes, device):
     return path, threshold, report
 
 
-def print_report(report, threshold):
+def print_report(report, threshold, args):
     t = report["training"]
-    print(f"best validation AUC {t['valid_auc']:.3f} at step {t['best_step']} of {t['steps']}; {t['faces_seen']:,} faces seen "
-          f"in {t['minutes']:.1f} min; threshold on P(fake) {threshold:.4g}")
+    print(f"best validation AUC {t['valid_auc']:.3f} at step {t['best_step']} of {t['steps']}; {t['faces_seen']:,} faces seen in "
+          f"{t['minutes']:.1f} min of training and validation ({t['faces_per_second']:.1f} faces/s); threshold on P(fake) {threshold:.4g}, "
+          f"calling at most {args.false_alarms:.0%} of each folder's real validation files fake")
     for root, entry in report["folders"].items():
         for name in ("valid", "test"):
             if "overall" in entry.get(name, {}):
@@ -418,15 +419,15 @@ def main(argv=None):
     write_atomically(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     print(f"{'resuming at step ' + str(progress.step) if progress else 'training'}: {out}; {args.arch} at {args.image_size}x{args.image_size} "
           f"on {device}, {args.epochs:g} epochs of {per_epoch} steps of {args.batch} faces; fakes: {', '.join(batches.fakes)}")
-    progress, minutes = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
-    path, threshold, report = finish(model, folders, args, out, progress, minutes, device)
+    progress = train(model, opt, schedule, batches, folders, args, out, steps, progress, device)
+    path, threshold, report = finish(model, folders, args, out, progress, device)
     # only now, with the new detector written: a run killed before it keeps the curves of the detector it still has
     writer = reports.report_writer(out)
     for root, entry in report["folders"].items():
         if "overall" in entry.get("test", {}):
             writer.add_scalar(f"test_auc/{os.path.basename(os.path.normpath(root))}", entry["test"]["overall"]["auc"], progress.step)
     writer.close()
-    print_report(report, threshold)
+    print_report(report, threshold, args)
     print(f"wrote {path} and detector.json; score with: python detect.py VIDEO --checkpoint {out}; curves: tensorboard --logdir {out}")
     return 0 if progress.step >= steps else 130
 
@@ -458,7 +459,6 @@ def train(model, opt, schedule, batches, folders, args, out, steps, progress, de
         for k, v in aucs.items():
             writer.add_scalar(f"valid_auc/{os.path.basename(os.path.normpath(k))}", v, step)
 
-    t0 = time.time()
     try:
         progress = detector.fit(model, opt, schedule, batches, steps=steps, progress=progress, validate=make_validate(folders, device),
                                 eval_every=args.eval_every or max(1, steps // 8), on_log=on_log, on_eval=on_eval, should_stop=lambda: stop["asked"],
@@ -467,7 +467,7 @@ def train(model, opt, schedule, batches, folders, args, out, steps, progress, de
         signal.signal(signal.SIGINT, previous)
         bar.close()
         writer.close()
-    return progress, (time.time() - t0) / 60
+    return progress
 
 
 if __name__ == "__main__":
