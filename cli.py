@@ -34,9 +34,21 @@ def run_cli(main, argv=None):
         return 130
 
 
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help states its default once: "(default: X)" is added only where there is one to state and the help
+    does not already say it in words ("(default: the detector's)"). None, False or nothing as a default means "not
+    given" or a switch that is off, which "(default: None)" would only obscure."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default is None or action.default is False or action.default in ("", []) or "(default" in help:
+            return help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsOnceFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

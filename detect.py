@@ -50,7 +50,7 @@ def get_args_parser():
     sampling.add_argument("--every", type=at_least(1), default=None, metavar="K", help="instead: every K-th frame (--every 1: all of them)")
     faces.add_flags(g, at_least, stored=True)
     g = p.add_argument_group("scoring")
-    g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above; None: the threshold stored with the detector")
+    g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above (default: the threshold stored with the detector)")
     g.add_argument("--batch", type=at_least(1), default=64, help="face crops per forward pass")
     g.add_argument("--workers", type=at_least(0), default=None,
                    help="processes that decode and find faces while this one scores (default: one per core; under torchrun, "

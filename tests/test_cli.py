@@ -3,6 +3,7 @@
 import errno
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,3 +141,30 @@ def test_a_refused_detector_run_leaves_no_empty_run_folder(tmp_path):
     result = run_program("train_detector.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--device", "cpu")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def every_parser():
+    """Each program's parser, and each of benchmark.py's subcommands."""
+    import argparse
+    import importlib
+    for name in ("main", "train_detector", "detect", "evaluate", "sample", "benchmark"):
+        parser = importlib.import_module(name).get_args_parser()
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from ((f"{name} {sub}", p) for sub, p in action.choices.items())
+
+
+def test_every_help_states_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping: a flag's entry is its line and, for a long one, the next
+    entries = {name: re.split(r"\n(?=  \S)", parser.format_help()) for name, parser in every_parser()}
+    assert len(entries) == 11
+    for name, flags in entries.items():
+        for entry in flags:
+            assert "(default: None)" not in entry and "(default: False)" not in entry, f"{name}: {entry}"
+            assert entry.count("(default") <= 1, f"{name}: {entry}"
+    help_of = lambda name, flag: " ".join(next(e for e in entries[name] if e.strip().startswith(flag)).split())
+    assert help_of("detect", "--batch").endswith("(default: 64)")  # a default of its own is still stated
+    assert help_of("train_detector", "--out").endswith("(default: runs/detector/NNN-ARCH-SIZE, numbered)")
+    assert help_of("detect", "--threshold").endswith("(default: the threshold stored with the detector)")
+    assert "default" not in help_of("detect", "--every")  # nothing to state, so nothing said
