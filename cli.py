@@ -166,6 +166,8 @@ def pick_precision(name, device):
 
 def make_folder(path, what="folder"):
     """os.makedirs(path, exist_ok=True), with one sentence instead of a traceback when it cannot be made or written into."""
+    if os.path.exists(path) and not os.path.isdir(path):  # makedirs would say "File exists", which reads as no problem at all
+        raise CannotWrite(f"{path} is a file, so it cannot be the {what}; give the path of a folder (one that does not exist yet is made)")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

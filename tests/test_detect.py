@@ -370,7 +370,17 @@ def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
     assert run_cli(detect.main, [str(tmp_path / "face.png"), "--faces", "none", "--extract", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot create the --extract folder" in err[0]
+    assert len(err) == 1 and f"{tmp_path / 'taken'} is a file, so it cannot be the --extract folder" in err[0]
+
+
+def test_an_out_that_is_a_file_is_one_line_naming_it(tmp_path, checkpoint, capsys):
+    (tmp_path / "taken.json").write_text("{}")  # a file where the folder should go
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    argv = [str(tmp_path / "face.png"), "--checkpoint", checkpoint, "--out", str(tmp_path / "taken.json"), "--device", "cpu"]
+    assert run_cli(detect.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'taken.json'} is a file, so it cannot be the --out folder" in err[0]
+    assert "run.json" not in err[0] and (tmp_path / "taken.json").read_text() == "{}"
 
 
 def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored(tmp_path, checkpoint, capsys, monkeypatch):
