@@ -3,6 +3,7 @@
 import errno
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import main
@@ -168,3 +170,40 @@ def test_every_help_states_each_default_once(monkeypatch):
     assert help_of("train_detector", "--out").endswith("(default: runs/detector/NNN-ARCH-SIZE, numbered)")
     assert help_of("detect", "--threshold").endswith("(default: the threshold stored with the detector)")
     assert "default" not in help_of("detect", "--every")  # nothing to state, so nothing said
+
+
+class CreatesAFile:
+    """An attacker's object: unpickling it calls open(path, "w"), which creates the file (os.system would do worse)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("write", [torch.save, pickle.dump], ids=["torch.save", "pickle.dump"])
+def test_a_file_holding_code_is_refused_in_our_words_and_its_code_never_runs(tmp_path, write):
+    pickle.loads(pickle.dumps(CreatesAFile(str(tmp_path / "proof"))))
+    assert (tmp_path / "proof").exists()  # the payload is live: an ordinary unpickling runs it
+    target, evil = tmp_path / "created", tmp_path / "detector.pt"
+    with open(evil, "wb") as f:
+        write({"format": 2, "kind": "detector", "detector": CreatesAFile(str(target)), "threshold": 0.5}, f)
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    result = run_program("detect.py", str(tmp_path / "face.png"), "--checkpoint", str(evil), "--device", "cpu")
+    assert_one_clear_line(result, f"checkpoint {evil} holds Python objects", "loading it could run code, so it was not loaded")
+    assert "weights_only" not in result.stderr + result.stdout and not target.exists()
+    with pytest.raises(UserError, match="^--weights .* holds Python objects") as e:
+        checkpoint.load_weights_file(str(evil))
+    assert "weights_only" not in str(e.value) and not target.exists()
+
+
+def test_a_truncated_or_foreign_checkpoint_keeps_its_sentence_without_torchs_advice(tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:500])
+    with open(tmp_path / "foreign.pkl", "wb") as f:
+        pickle.dump({"plain": [1, 2.0, "data"]}, f)  # no objects, but not torch's format either
+    for name in ("cut.pt", "foreign.pkl"):
+        with pytest.raises(UserError, match=f"^cannot read checkpoint .*{name} .*; it may be truncated or not a PyTorch file$") as e:
+            checkpoint.load(str(tmp_path / name))
+        assert "weights_only" not in str(e.value) and "Python objects" not in str(e.value)
