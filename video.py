@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cli import UserError
 
@@ -53,14 +53,18 @@ def open_rgb(path):
     Pillow's convert clips every value above 255, which turns such an image white. An image
     above Pillow's decompression-bomb limit is named in one warning line with its size instead
     of Pillow's two-line warning; one above twice the limit raises PIL.Image.DecompressionBombError.
+    A phone stores the sensor's pixels and, in EXIF, which way is up: the image is turned that way,
+    here and nowhere else, since a face on its side is missed or scored as another face.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # said below, in one line; others pass
+        warnings.filterwarnings("ignore", message="Corrupt EXIF data")  # then the pixels stay as stored: nothing to act on
         with Image.open(path) as im:
             if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
                 print(f"warning: {path} is a {im.width}x{im.height} image ({im.width * im.height / 1e6:.0f} megapixels, "
                       f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}); decoding it takes about "
                       f"{im.width * im.height * 3 / 1e9:.1f} GB of memory", file=sys.stderr)
+            ImageOps.exif_transpose(im, in_place=True)
             if im.mode.startswith("I;16") or im.mode == "I":
                 grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255
                 return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")

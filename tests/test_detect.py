@@ -27,7 +27,7 @@ import faces
 from checkpoint import load_detector
 from cli import UserError, run_cli
 from detector import fake_scores
-from helpers import FACE_SEED, H, W, blank_frame, decode_all, two_faces, write_video
+from helpers import FACE_SEED, H, W, blank_frame, decode_all, frame_with_face, two_faces, write_phone_photo, write_video
 from video import sample_indices
 
 
@@ -130,6 +130,24 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
         assert (r["frames"], r["faces"]) == ("1", "1")
     boxes = [[int(r[k]) for k in "xywh"] for r in read_csv(out / "frames.csv")]
     assert boxes == [[0, 0, 48, 48]] * 3  # the centre square the model saw
+
+
+@pytest.mark.parametrize("picture, flags", [("frame", []), ("crop", ["--faces", "none"])])
+def test_a_phone_photo_is_scored_as_its_upright_twin(tmp_path, checkpoint, picture, flags):
+    upright = Image.fromarray(frame_with_face(0)) if picture == "frame" else data.draw_face(random.Random(FACE_SEED), 64)
+    phone = write_phone_photo(tmp_path / "phone.jpg", upright, 6, quality=90)  # orientation 6: as a phone held upright saves it
+    with Image.open(phone) as im:
+        stored = im.convert("RGB")  # the phone's own pixels, as stored
+    stored.save(tmp_path / "sideways.png")  # without the tag that says which way is up
+    stored.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")  # turned upright, losslessly: the twin
+    out = tmp_path / "out"
+    inputs = [phone, str(tmp_path / "upright.png"), str(tmp_path / "sideways.png")]
+    assert run_detect([*inputs, *flags, "--checkpoint", checkpoint, "--workers", "0", "--out", str(out)]) == 0
+    phone_row, twin, sideways = read_csv(out / "summary.csv")
+    assert phone_row["people"] == twin["people"] == "1"
+    assert float(phone_row["label"]) == pytest.approx(float(twin["label"]), abs=1e-4)
+    # the turn is what makes them equal: on its side the face is missed (a frame) or scored otherwise (a crop)
+    assert sideways["people"] == "0" or abs(float(sideways["label"]) - float(twin["label"])) > 1e-4
 
 
 def test_no_face_is_its_own_verdict(tmp_path, checkpoint, capsys):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import faces
-from helpers import H, W, decode_all, frame_with_face, write_video
+from helpers import H, W, decode_all, frame_with_face, write_phone_photo, write_video
 from cli import UserError
 from video import all_frames, input_frames, open_video, read_image, sample_indices
 
@@ -111,3 +111,12 @@ def test_a_video_removed_after_it_was_probed_is_reported_as_vanished(tmp_path):
     os.remove(path)
     with pytest.raises(UserError, match="^has vanished"):
         list(frames)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_image_is_turned_by_its_exif_orientation_once(tmp_path, orientation):
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))  # no symmetry to hide a turn
+    path = write_phone_photo(tmp_path / "photo.png", upright, orientation)  # PNG: lossless, so the pixels compare exactly
+    with Image.open(path) as im:
+        assert im.getexif()[0x0112] == orientation and (orientation < 2 or np.asarray(im).tobytes() != upright.tobytes())
+    assert np.array_equal(read_image(path), np.asarray(upright))
