@@ -28,9 +28,9 @@ import threading
 import time
 
 from cli import UserError, make_folder, write_text
-from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_input, media_kind, walk_files
+from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_input, endings, media_kind, walk_files
 
-NOT_MEDIA = "is not a video (mp4, avi, mov, mkv, webm) or an image (jpg, jpeg, png, webp, bmp)"
+NOT_MEDIA = f"is not a video ({endings(VIDEO_EXTENSIONS)}) or an image ({endings(IMAGE_EXTENSIONS)})"
 
 
 # -----------------------------------------------------------------------------

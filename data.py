@@ -21,7 +21,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from cli import UserError
-from video import IMAGE_EXTENSIONS, open_rgb, walk_files  # noqa: F401 (IMAGE_EXTENSIONS: data's too)
+from video import IMAGE_EXTENSIONS, endings, open_rgb, walk_files  # noqa: F401 (IMAGE_EXTENSIONS: data's too)
 
 SPLITS = ("train", "valid", "test")  # CelebA's partition numbers 0, 1, 2
 CELEBA_HELP = """\
@@ -164,10 +164,10 @@ def celeba_files(root, split):
 
 def folder_files(root, split):
     if not os.path.isdir(root):
-        raise UserError(f"--data-root {root} is not a folder; point it at a folder of images (jpg, png, webp, bmp; searched recursively)")
+        raise UserError(f"--data-root {root} is not a folder; point it at a folder of images ({endings(IMAGE_EXTENSIONS)}; searched recursively)")
     files = list_images(root)
     if not files:
-        raise UserError(f"no images (jpg, png, webp, bmp) found under {root}; point --data-root at a folder that holds some")
+        raise UserError(f"no images ({endings(IMAGE_EXTENSIONS)}) found under {root}; point --data-root at a folder that holds some")
     return [f for f in files if hash_split(os.path.relpath(f, root)) == split]
 
 

@@ -31,6 +31,7 @@ import archive
 import faces
 import cli
 from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, probability, run_cli, write_atomically, write_text
+from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, endings
 
 # torch, the detector and the video encoder are imported where they are used, so --help answers
 # at once.
@@ -39,7 +40,8 @@ from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folde
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_IMAGE_OR_FOLDER",
-                   help="videos (mp4, avi, mov, mkv, webm), images, or folders searched recursively")
+                   help=f"videos ({endings(VIDEO_EXTENSIONS)}; a GIF of one frame is an image), images ({endings(IMAGE_EXTENSIONS)}), "
+                        "or folders searched recursively")
     p.add_argument("--checkpoint", metavar="RUN_OR_DETECTOR",
                    help="a run folder of train_detector.py or main.py, or a detector.pt (default: the detector that ships with the "
                         "project, detectors/default.pt); a GAN run without detector.pt is scored by its discriminator")
@@ -587,7 +589,7 @@ def check_args(args, place):
     if place.world > 1 and not args.out:
         raise UserError("under torchrun the processes share their results through --out; give --out DIR")
     if next(list_inputs(args), None) is None:
-        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
+        raise UserError(f"no videos ({endings(VIDEO_EXTENSIONS)}) or images ({endings(IMAGE_EXTENSIONS)}) in {', '.join(args.inputs)}")
     if args.workers is None:
         args.workers = max(1, cli.cores() // place.local_world)
 

@@ -16,13 +16,36 @@ from PIL import Image, ImageOps
 from cli import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+ANIMATED_EXTENSIONS = (".gif",)  # a video when animated (how short clips travel in chats), an image when it holds one frame
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm") + ANIMATED_EXTENSIONS
+
+
+def endings(extensions):
+    """('.mp4', '.avi') -> 'mp4, avi', as messages list them."""
+    return ", ".join(e[1:] for e in extensions)
 
 
 def media_kind(path):
-    """'video', 'image' or None, from the file name's ending (as data.list_images matches it, so '.mp4' is a video too)."""
+    """'video', 'image' or None, from the file name's ending (as data.list_images matches it, so '.mp4' is a video too);
+    a GIF is a video when it is animated and an image when it holds one frame."""
     name = os.path.basename(path).lower()
+    if name.endswith(ANIMATED_EXTENSIONS):
+        return "video" if animated(path) else "image"
     return "video" if name.endswith(VIDEO_EXTENSIONS) else "image" if name.endswith(IMAGE_EXTENSIONS) else None
+
+
+def animated(path):
+    """Whether an image file holds more than one frame: Pillow reads only the headers. False for a file it cannot open
+    (reading it as an image then says why) and for anything but a regular file, which could block or never end."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            return bool(getattr(im, "is_animated", False))
+    except Exception:
+        return False
+
+
 
 
 def walk_files(root, extensions):

@@ -106,6 +106,13 @@ def write_video(path, n, draw=frame_with_face, rate=10, codec="libx264"):
     return str(path)
 
 
+def write_gif(path, n, draw=frame_with_face, ms=100):
+    """An n-frame GIF of draw(i), as short clips travel in chats (n=1: a still GIF); Pillow stores only what changed."""
+    frames = [Image.fromarray(draw(i)) for i in range(n)]
+    frames[0].save(str(path), save_all=n > 1, append_images=frames[1:], duration=ms, loop=0)
+    return str(path)
+
+
 def write_phone_photo(path, upright, orientation=6, **save):
     """upright (a PIL image) stored as a phone stores it: the pixels turned as the sensor saw them, and the EXIF orientation
     that turns them back for display (6: turn 90 degrees clockwise, what a phone held upright writes)."""

@@ -27,7 +27,7 @@ import faces
 from checkpoint import load_detector
 from cli import UserError, run_cli
 from detector import fake_scores
-from helpers import FACE_SEED, H, W, blank_frame, decode_all, frame_with_face, two_faces, write_phone_photo, write_video
+from helpers import FACE_SEED, H, W, blank_frame, decode_all, frame_with_face, two_faces, write_gif, write_phone_photo, write_video
 from video import sample_indices
 
 
@@ -148,6 +148,17 @@ def test_a_phone_photo_is_scored_as_its_upright_twin(tmp_path, checkpoint, pictu
     assert float(phone_row["label"]) == pytest.approx(float(twin["label"]), abs=1e-4)
     # the turn is what makes them equal: on its side the face is missed (a frame) or scored otherwise (a crop)
     assert sideways["people"] == "0" or abs(float(sideways["label"]) - float(twin["label"])) > 1e-4
+
+
+def test_a_gif_clip_is_scored_as_a_video_and_a_still_gif_as_an_image(tmp_path, checkpoint):
+    clip, still = write_gif(tmp_path / "clip.gif", 10), write_gif(tmp_path / "still.gif", 1)
+    out = tmp_path / "out"
+    assert run_detect([clip, still, "--checkpoint", checkpoint, "--frames", "4", "--workers", "0", "--out", str(out), "--annotate"]) == 0
+    moving, still_result = result_json(out, clip), result_json(out, still)
+    assert (moving["kind"], moving["frames_total"], moving["frames_scored"], moving["frames_with_face"]) == ("video", 10, 4, 4)
+    assert [fr["index"] for fr in moving["frames"]] == sample_indices(10, 4)
+    assert (still_result["kind"], still_result["frames_total"], still_result["frames_scored"]) == ("image", 1, 1)
+    assert len(decode_all(annotated(out, clip))) == 10 and annotated(out, still, ".png").exists()
 
 
 def test_no_face_is_its_own_verdict(tmp_path, checkpoint, capsys):

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 import faces
-from helpers import H, W, decode_all, frame_with_face, write_phone_photo, write_video
+from helpers import H, W, decode_all, frame_with_face, write_gif, write_phone_photo, write_video
 from cli import UserError
-from video import all_frames, input_frames, open_video, read_image, sample_indices
+from video import all_frames, input_frames, media_kind, open_video, read_image, sample_indices
 
 
 def test_sample_indices():
@@ -120,3 +120,22 @@ def test_an_image_is_turned_by_its_exif_orientation_once(tmp_path, orientation):
     with Image.open(path) as im:
         assert im.getexif()[0x0112] == orientation and (orientation < 2 or np.asarray(im).tobytes() != upright.tobytes())
     assert np.array_equal(read_image(path), np.asarray(upright))
+
+
+def test_an_animated_gif_is_a_video_and_a_still_one_an_image(tmp_path):
+    clip, still = write_gif(tmp_path / "clip.gif", 10), write_gif(tmp_path / "still.GIF", 1)
+    (tmp_path / "broken.gif").write_bytes(b"GIF89a cut short")
+    assert [media_kind(p) for p in (clip, still, str(tmp_path / "broken.gif"))] == ["video", "image", "image"]
+    with pytest.raises(UserError, match="^cannot be decoded as an image"):  # so a broken GIF is said as an image that is
+        read_image(str(tmp_path / "broken.gif"))
+    reference = []
+    with Image.open(clip) as im:  # Pillow's own frames, each composed over the ones before as a viewer shows them
+        for i in range(im.n_frames):
+            im.seek(i)
+            reference.append(np.asarray(im.convert("RGB")))
+    info, frames = input_frames(clip, "video", frames=4)
+    got = list(frames)
+    assert (info["frames_total"], info["frames_sampled"], info["fps"]) == (10, 4, 10.0)
+    assert [i for i, _, _ in got] == sample_indices(10, 4)
+    for i, seconds, frame in got:
+        assert np.array_equal(frame, reference[i]) and seconds == pytest.approx(i / 10)
