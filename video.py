@@ -3,6 +3,7 @@
 Light on purpose (no torch): detect.py's worker processes decode with it and never load torch.
 """
 
+import functools
 import os
 import stat
 import sys
@@ -15,9 +16,11 @@ from PIL import Image, ImageOps
 
 from cli import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+HEIF_EXTENSIONS = (".heic", ".heif")  # iPhone photos: Pillow reads them through the optional pillow-heif package
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp") + HEIF_EXTENSIONS
 ANIMATED_EXTENSIONS = (".gif",)  # a video when animated (how short clips travel in chats), an image when it holds one frame
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm") + ANIMATED_EXTENSIONS
+NO_HEIF = "is an HEIC/HEIF photo (an iPhone's), which is read only with the pillow-heif package: pip install pillow-heif"
 
 
 def endings(extensions):
@@ -46,6 +49,15 @@ def animated(path):
         return False
 
 
+@functools.cache
+def heif_readable():
+    """Register pillow-heif's reader with Pillow, once; False where the package is not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def walk_files(root, extensions):
@@ -77,8 +89,11 @@ def open_rgb(path):
     above Pillow's decompression-bomb limit is named in one warning line with its size instead
     of Pillow's two-line warning; one above twice the limit raises PIL.Image.DecompressionBombError.
     A phone stores the sensor's pixels and, in EXIF, which way is up: the image is turned that way,
-    here and nowhere else, since a face on its side is missed or scored as another face.
+    here and nowhere else, since a face on its side is missed or scored as another face. An HEIC/HEIF
+    photo without pillow-heif installed is a UserError that names the package.
     """
+    if os.fspath(path).lower().endswith(HEIF_EXTENSIONS) and not heif_readable():
+        raise UserError(NO_HEIF)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # said below, in one line; others pass
         warnings.filterwarnings("ignore", message="Corrupt EXIF data")  # then the pixels stay as stored: nothing to act on
@@ -218,6 +233,8 @@ def read_image(path):
     """An image file as an RGB array (16-bit greyscale scaled to 8 bits, a very large image named in one warning)."""
     try:
         return np.asarray(open_rgb(path))
+    except UserError:
+        raise
     except Image.DecompressionBombError:
         raise UserError(f"is over twice Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels for one image "
                         "(a decompression bomb, or a photo far larger than a face needs); scale it down") from None

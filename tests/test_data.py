@@ -109,6 +109,21 @@ def test_a_phone_photo_trains_upright(tmp_path):
     assert ok and torch.equal(x, twin) and not torch.allclose(sideways, twin, atol=0.1)
 
 
+def test_heic_photos_without_pillow_heif_are_left_out_in_one_line(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "photos"
+    write_jpegs(str(root), [f"{i:02d}.jpg" for i in range(20)])
+    for i in range(3):
+        (root / f"IMG_{i}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    everything = lambda: [f for split in data.SPLITS for f in data.folder_files(str(root), split)]
+    monkeypatch.setattr(data, "heif_readable", lambda: True)
+    assert len(everything()) == 23 and capsys.readouterr().err == ""
+    monkeypatch.setattr(data, "heif_readable", lambda: False)
+    assert sorted(os.path.basename(f) for f in everything()) == [f"{i:02d}.jpg" for i in range(20)]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: 3 HEIC/HEIF photos under {root} are left out: reading them needs the pillow-heif package "
+                   "(pip install pillow-heif)"]  # once, not once per split
+
+
 def test_missing_celeba_says_where_it_looked_and_what_to_do(tmp_path):
     with pytest.raises(UserError) as e:
         data.celeba_files(str(tmp_path / "nowhere"), "train")

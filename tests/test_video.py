@@ -2,6 +2,8 @@
 
 import argparse
 import os
+import sys
+import types
 
 import av
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from PIL import Image
 
 import faces
+import video
 from helpers import H, W, decode_all, frame_with_face, write_gif, write_phone_photo, write_video
 from cli import UserError
 from video import all_frames, input_frames, media_kind, open_video, read_image, sample_indices
@@ -139,3 +142,26 @@ def test_an_animated_gif_is_a_video_and_a_still_one_an_image(tmp_path):
     assert [i for i, _, _ in got] == sample_indices(10, 4)
     for i, seconds, frame in got:
         assert np.array_equal(frame, reference[i]) and seconds == pytest.approx(i / 10)
+
+
+@pytest.fixture
+def heif_state():
+    """heif_readable answers once per process: forget the answer before and after a test that changes what it finds."""
+    video.heif_readable.cache_clear()
+    yield
+    video.heif_readable.cache_clear()
+
+
+def test_an_heic_photo_without_pillow_heif_names_the_package(tmp_path, monkeypatch, heif_state):
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as where it is not installed: importing it fails
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert media_kind(str(path)) == "image"
+    with pytest.raises(UserError, match=r"^is an HEIC/HEIF photo .*: pip install pillow-heif$"):
+        read_image(str(path))
+
+
+def test_pillow_heif_where_installed_is_registered_with_pillow_once(monkeypatch, heif_state):
+    calls = []
+    monkeypatch.setitem(sys.modules, "pillow_heif", types.SimpleNamespace(register_heif_opener=lambda: calls.append(1)))
+    assert video.heif_readable() and video.heif_readable() and calls == [1]
