@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import detect
 import main
 from cli import UserError, pick_precision, run_cli, write_atomically, write_or_keep
 from helpers import ROOT, assert_one_clear_line, read_until, run_program, train_args
@@ -183,20 +184,29 @@ class CreatesAFile:
         return open, (self.path, "w")
 
 
-@pytest.mark.parametrize("write", [torch.save, pickle.dump], ids=["torch.save", "pickle.dump"])
-def test_a_file_holding_code_is_refused_in_our_words_and_its_code_never_runs(tmp_path, write):
+def test_a_file_holding_code_is_refused_in_our_words_and_its_code_never_runs(tmp_path, capsys):
     pickle.loads(pickle.dumps(CreatesAFile(str(tmp_path / "proof"))))
     assert (tmp_path / "proof").exists()  # the payload is live: an ordinary unpickling runs it
-    target, evil = tmp_path / "created", tmp_path / "detector.pt"
-    with open(evil, "wb") as f:
-        write({"format": 2, "kind": "detector", "detector": CreatesAFile(str(target)), "threshold": 0.5}, f)
+    target = tmp_path / "created"
+    payload = {"format": 2, "kind": "detector", "detector": CreatesAFile(str(target)), "threshold": 0.5}
+    torch.save(payload, tmp_path / "saved.pt")  # torch's format
+    with open(tmp_path / "pickled.pt", "wb") as f:
+        pickle.dump(payload, f)  # a plain pickle, over which torch also warns on stderr
     Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
-    result = run_program("detect.py", str(tmp_path / "face.png"), "--checkpoint", str(evil), "--device", "cpu")
-    assert_one_clear_line(result, f"checkpoint {evil} holds Python objects", "loading it could run code, so it was not loaded")
-    assert "weights_only" not in result.stderr + result.stdout and not target.exists()
-    with pytest.raises(UserError, match="^--weights .* holds Python objects") as e:
-        checkpoint.load_weights_file(str(evil))
-    assert "weights_only" not in str(e.value) and not target.exists()
+    argv = lambda name: [str(tmp_path / "face.png"), "--checkpoint", str(tmp_path / name), "--device", "cpu"]
+    phrases = lambda name: (f"checkpoint {tmp_path / name} holds Python objects", "loading it could run code, so it was not loaded")
+    result = run_program("detect.py", *argv("pickled.pt"))  # a fresh process: all it prints, warnings included
+    assert_one_clear_line(result, *phrases("pickled.pt"))
+    assert "weights_only" not in result.stderr + result.stdout
+    assert run_cli(detect.main, argv("saved.pt")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(p in err[0] for p in phrases("saved.pt")) and "weights_only" not in err[0]
+    assert re.search(r"objects \([\w.]*open\)", err[0])  # torch's format names what it holds
+    for name in ("saved.pt", "pickled.pt"):
+        with pytest.raises(UserError, match="^--weights .* holds Python objects") as e:
+            checkpoint.load_weights_file(str(tmp_path / name))
+        assert "weights_only" not in str(e.value)
+    assert not target.exists()
 
 
 def test_a_truncated_or_foreign_checkpoint_keeps_its_sentence_without_torchs_advice(tmp_path):
