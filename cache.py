@@ -315,8 +315,9 @@ def face_jobs(paths, flags, framing, frames, image_size, cache_dir, as_crops):
     settings = from_flags(argparse.Namespace(**flags), framing, quiet=True)[1]
     jobs = []
     for path in paths:
-        crop = as_crops and media_kind(path) == "image"
-        jobs.append((path, media_kind(path), None if crop else flags, framing, {"faces": "none"} if crop else settings,
+        kind = media_kind(path)  # once: for a GIF it opens the file
+        crop = as_crops and kind == "image"
+        jobs.append((path, kind, None if crop else flags, framing, {"faces": "none"} if crop else settings,
                      frames, image_size, cache_dir))
     return jobs
 

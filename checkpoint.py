@@ -19,7 +19,10 @@ discriminator whose logit said real) are converted when read.
 import glob
 import math
 import os
+import pickletools
 import re
+import warnings
+import zipfile
 
 import torch
 
@@ -76,10 +79,12 @@ def load(path, kinds=("training",), use="this command"):
     """Read a checkpoint file (or a run folder's checkpoint.pt), check it is one of `kinds`; returns the dict."""
     path = resolve(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path)
     except Exception as e:  # truncated files, other pickles, text files: all the user's to fix
+        refuse_python_objects(path, "checkpoint")
         first = str(e).splitlines()[0] if str(e) else "unreadable"
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}); it may be truncated or not a PyTorch file") from None
+        why = type(e).__name__ + ("" if "weights_only" in str(e) else f": {first}")  # never torch's advice to turn it off
+        raise UserError(f"cannot read checkpoint {path} ({why}); it may be truncated or not a PyTorch file") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt or not ({"config", "kind"} & set(ckpt)):
         raise UserError(f"{path} is not a checkpoint written by this project (it has no format and config); "
                         "train one with main.py or point at a run folder")
@@ -94,6 +99,42 @@ def load(path, kinds=("training",), use="this command"):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot be used; it may come from another program")
     return ckpt
+
+
+def _torch_load(path):
+    """torch.load with weights_only=True, without torch's warning that a pickle's protocol is not its own (a foreign pickle's
+    is not): the user can do nothing with it, and it is followed by one sentence of ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# What a pickle does to make an object of a class or call a function; one of plain data (dicts, lists, numbers, strings) has none.
+OBJECT_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD", "EXT1", "EXT2", "EXT4"}
+
+
+def refuse_python_objects(path, what):
+    """After weights_only=True refused a file: one sentence of ours if it holds Python objects. Torch's own message advises
+    loading it with weights_only=False, which would run whatever code they carry; a user who follows it runs an attacker's."""
+    names = python_objects(path)
+    if names is not None:
+        listed = f" ({', '.join(names[:3])})" if names else ""
+        raise UserError(f"{what} {path} holds Python objects{listed}, not only tensors and plain data; loading it could run code, "
+                        "so it was not loaded")
+
+
+def python_objects(path):
+    """The classes and functions a file's pickle names beyond tensors and plain data ([] where they cannot be listed), or None
+    where it names none or holds no pickle. The pickle is only parsed, never run."""
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format: torch lists what its weights_only loader refuses
+            unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda p: [])  # torch 2.5 on
+            return unsafe(path) or None
+        with open(path, "rb") as f:  # a plain pickle (torch's old format begins with one holding a number)
+            ops = {op.name for op, _, _ in pickletools.genops(f)}
+        return [] if ops & OBJECT_OPS else None
+    except Exception:  # text, a pickle cut short, a damaged zip: not ours to say more than the load did
+        return None
 
 
 def load_state(module, state, what, path):
@@ -249,8 +290,9 @@ def _check_detector_config(dcfg, threshold, path):
 def load_weights_file(path):
     """A state dict in a local file (--weights), read with weights_only=True -> dict of tensors."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     except Exception as e:
+        refuse_python_objects(path, "--weights")
         raise UserError(f"cannot read --weights {path} ({type(e).__name__}); give a network's state dict saved with torch.save") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -34,9 +34,21 @@ def run_cli(main, argv=None):
         return 130
 
 
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help states its default once: "(default: X)" is added only where there is one to state and the help
+    does not already say it in words ("(default: the detector's)"). None, False or nothing as a default means "not
+    given" or a switch that is off, which "(default: None)" would only obscure."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default is None or action.default is False or action.default in ("", []) or "(default" in help:
+            return help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsOnceFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -154,6 +166,8 @@ def pick_precision(name, device):
 
 def make_folder(path, what="folder"):
     """os.makedirs(path, exist_ok=True), with one sentence instead of a traceback when it cannot be made or written into."""
+    if os.path.exists(path) and not os.path.isdir(path):  # makedirs would say "File exists", which reads as no problem at all
+        raise CannotWrite(f"{path} is a file, so it cannot be the {what}; give the path of a folder (one that does not exist yet is made)")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

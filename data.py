@@ -21,7 +21,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from cli import UserError
-from video import IMAGE_EXTENSIONS, open_rgb, walk_files  # noqa: F401 (IMAGE_EXTENSIONS: data's too)
+from video import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, endings, heif_readable, open_rgb, walk_files  # noqa: F401 (IMAGE_EXTENSIONS: data's too)
 
 SPLITS = ("train", "valid", "test")  # CelebA's partition numbers 0, 1, 2
 CELEBA_HELP = """\
@@ -164,11 +164,27 @@ def celeba_files(root, split):
 
 def folder_files(root, split):
     if not os.path.isdir(root):
-        raise UserError(f"--data-root {root} is not a folder; point it at a folder of images (jpg, png, webp, bmp; searched recursively)")
+        raise UserError(f"--data-root {root} is not a folder; point it at a folder of images ({endings(IMAGE_EXTENSIONS)}; searched recursively)")
     files = list_images(root)
     if not files:
-        raise UserError(f"no images (jpg, png, webp, bmp) found under {root}; point --data-root at a folder that holds some")
-    return [f for f in files if hash_split(os.path.relpath(f, root)) == split]
+        raise UserError(f"no images ({endings(IMAGE_EXTENSIONS)}) found under {root}; point --data-root at a folder that holds some")
+    return [f for f in readable(files, root) if hash_split(os.path.relpath(f, root)) == split]
+
+
+_said = set()  # the folders whose HEIC photos were said to be left out: once, not once per split
+
+
+def readable(files, root):
+    """files less the HEIC/HEIF photos where pillow-heif is not installed, said in one line: each would otherwise be
+    skipped as undecodable, and nothing would say which package reads them."""
+    heif = [f for f in files if f.lower().endswith(HEIF_EXTENSIONS)]
+    if not heif or heif_readable():
+        return files
+    if root not in _said:
+        _said.add(root)
+        print(f"warning: {len(heif)} HEIC/HEIF photos under {root} are left out: reading them needs the pillow-heif package "
+              "(pip install pillow-heif)", file=sys.stderr)
+    return [f for f in files if not f.lower().endswith(HEIF_EXTENSIONS)]
 
 
 def download_celeba(root):

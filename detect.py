@@ -31,6 +31,7 @@ import archive
 import faces
 import cli
 from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, probability, run_cli, write_atomically, write_text
+from video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, endings
 
 # torch, the detector and the video encoder are imported where they are used, so --help answers
 # at once.
@@ -39,7 +40,8 @@ from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folde
 def get_args_parser():
     p = ArgumentParser(description="Score the faces in videos and images as real or generated (P(fake)).")
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_IMAGE_OR_FOLDER",
-                   help="videos (mp4, avi, mov, mkv, webm), images, or folders searched recursively")
+                   help=f"videos ({endings(VIDEO_EXTENSIONS)}; a GIF of one frame is an image), images ({endings(IMAGE_EXTENSIONS)}), "
+                        "or folders searched recursively")
     p.add_argument("--checkpoint", metavar="RUN_OR_DETECTOR",
                    help="a run folder of train_detector.py or main.py, or a detector.pt (default: the detector that ships with the "
                         "project, detectors/default.pt); a GAN run without detector.pt is scored by its discriminator")
@@ -50,7 +52,7 @@ def get_args_parser():
     sampling.add_argument("--every", type=at_least(1), default=None, metavar="K", help="instead: every K-th frame (--every 1: all of them)")
     faces.add_flags(g, at_least, stored=True)
     g = p.add_argument_group("scoring")
-    g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above; None: the threshold stored with the detector")
+    g.add_argument("--threshold", type=probability, default=None, help="call a video fake at this score or above (default: the threshold stored with the detector)")
     g.add_argument("--batch", type=at_least(1), default=64, help="face crops per forward pass")
     g.add_argument("--workers", type=at_least(0), default=None,
                    help="processes that decode and find faces while this one scores (default: one per core; under torchrun, "
@@ -600,7 +602,7 @@ def check_args(args, place):
     if place.world > 1 and not args.out:
         raise UserError("under torchrun the processes share their results through --out; give --out DIR")
     if next(list_inputs(args), None) is None:
-        raise UserError(f"no videos (mp4, avi, mov, mkv, webm) or images (jpg, jpeg, png, webp, bmp) in {', '.join(args.inputs)}")
+        raise UserError(f"no videos ({endings(VIDEO_EXTENSIONS)}) or images ({endings(IMAGE_EXTENSIONS)}) in {', '.join(args.inputs)}")
     if args.workers is None:
         args.workers = max(1, cli.cores() // place.local_world)
 

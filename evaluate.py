@@ -55,11 +55,11 @@ def get_args_parser():
     p.add_argument("--eval-images", type=at_least(2), default=1000, help="valid and test images used (each split)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"Inception-v3 2015-12-05 weights for FID/KID ({metrics.INCEPTION_URL}); without them FID is skipped")
-    p.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default=None, help="override the run's dataset")
-    p.add_argument("--data-root", default=None, help="override the run's data root (the data moved)")
+    p.add_argument("--dataset", choices=("celeba", "folder", "synthetic"), default=None, help="override the run's dataset (default: the run's)")
+    p.add_argument("--data-root", default=None, help="override the run's data root, where the data moved (default: the run's)")
     p.add_argument("--workers", type=at_least(0), default=None,
-                   help="DataLoader processes (default: the run's); with --videos/--faces, processes finding faces (default: one per core; 1: "
-                        "in this process)")
+                   help="DataLoader processes, or with --videos/--faces the processes finding faces (default: the run's, or with "
+                        "--videos/--faces one per core; 1: in this process)")
     g = p.add_argument_group("the detector on labelled videos (instead of the GAN report)")
     g.add_argument("--videos", default=None, metavar="DIR",
                    help="score every video under DIR's real*/ and fake*/ subfolders with the run's detector, as detect.py does, and report per video: "

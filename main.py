@@ -480,7 +480,8 @@ def say_where_it_stopped(cfg, place, progress, interrupted):
         print(f"stopped at step {progress.step}; continue with: python main.py --resume {cfg.run_dir}", file=sys.stderr)
     elif place.is_main:
         grids = sorted(glob.glob(os.path.join(cfg.run_dir, "samples", "*.png")), key=os.path.getmtime)
-        print(f"done at epoch {progress.epoch}, step {progress.step}; run folder: {cfg.run_dir}"
+        epoch = progress.epoch + (progress.done_in_epoch > 0)  # as the bar counts: a stop within an epoch is in that epoch
+        print(f"done at epoch {epoch}/{cfg.epochs}, step {progress.step}; run folder: {cfg.run_dir}"
               + (f"; last sample grid: {grids[-1]}" if grids else "")
               + f"\nsee the curves and grids with: tensorboard --logdir={os.path.dirname(os.path.normpath(cfg.run_dir))}")
 

@@ -3,6 +3,7 @@
 Light on purpose (no torch): detect.py's worker processes decode with it and never load torch.
 """
 
+import functools
 import os
 import stat
 import sys
@@ -11,18 +12,52 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cli import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+HEIF_EXTENSIONS = (".heic", ".heif")  # iPhone photos: Pillow reads them through the optional pillow-heif package
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp") + HEIF_EXTENSIONS
+ANIMATED_EXTENSIONS = (".gif",)  # a video when animated (how short clips travel in chats), an image when it holds one frame
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm") + ANIMATED_EXTENSIONS
+NO_HEIF = "is an HEIC/HEIF photo (an iPhone's), which is read only with the pillow-heif package: pip install pillow-heif"
+
+
+def endings(extensions):
+    """('.mp4', '.avi') -> 'mp4, avi', as messages list them."""
+    return ", ".join(e[1:] for e in extensions)
 
 
 def media_kind(path):
-    """'video', 'image' or None, from the file name's ending (as data.list_images matches it, so '.mp4' is a video too)."""
+    """'video', 'image' or None, from the file name's ending (as data.list_images matches it, so '.mp4' is a video too);
+    a GIF is a video when it is animated and an image when it holds one frame."""
     name = os.path.basename(path).lower()
+    if name.endswith(ANIMATED_EXTENSIONS):
+        return "video" if animated(path) else "image"
     return "video" if name.endswith(VIDEO_EXTENSIONS) else "image" if name.endswith(IMAGE_EXTENSIONS) else None
+
+
+def animated(path):
+    """Whether an image file holds more than one frame: Pillow reads only the headers. False for a file it cannot open
+    (reading it as an image then says why) and for anything but a regular file, which could block or never end."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            return bool(getattr(im, "is_animated", False))
+    except Exception:
+        return False
+
+
+@functools.cache
+def heif_readable():
+    """Register pillow-heif's reader with Pillow, once; False where the package is not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def walk_files(root, extensions):
@@ -53,14 +88,21 @@ def open_rgb(path):
     Pillow's convert clips every value above 255, which turns such an image white. An image
     above Pillow's decompression-bomb limit is named in one warning line with its size instead
     of Pillow's two-line warning; one above twice the limit raises PIL.Image.DecompressionBombError.
+    A phone stores the sensor's pixels and, in EXIF, which way is up: the image is turned that way,
+    here and nowhere else, since a face on its side is missed or scored as another face. An HEIC/HEIF
+    photo without pillow-heif installed is a UserError that names the package.
     """
+    if os.fspath(path).lower().endswith(HEIF_EXTENSIONS) and not heif_readable():
+        raise UserError(NO_HEIF)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # said below, in one line; others pass
+        warnings.filterwarnings("ignore", message="Corrupt EXIF data")  # then the pixels stay as stored: nothing to act on
         with Image.open(path) as im:
             if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
                 print(f"warning: {path} is a {im.width}x{im.height} image ({im.width * im.height / 1e6:.0f} megapixels, "
                       f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}); decoding it takes about "
                       f"{im.width * im.height * 3 / 1e9:.1f} GB of memory", file=sys.stderr)
+            ImageOps.exif_transpose(im, in_place=True)
             if im.mode.startswith("I;16") or im.mode == "I":
                 grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255
                 return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
@@ -212,6 +254,8 @@ def read_image(path):
     """An image file as an RGB array (16-bit greyscale scaled to 8 bits, a very large image named in one warning)."""
     try:
         return np.asarray(open_rgb(path))
+    except UserError:
+        raise
     except Image.DecompressionBombError:
         raise UserError(f"is over twice Pillow's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels for one image "
                         "(a decompression bomb, or a photo far larger than a face needs); scale it down") from None

@@ -106,6 +106,29 @@ def write_video(path, n, draw=frame_with_face, rate=10, codec="libx264"):
     return str(path)
 
 
+def write_gif(path, n, draw=frame_with_face, ms=100):
+    """An n-frame GIF of draw(i), as short clips travel in chats (n=1: a still GIF); Pillow stores only what changed."""
+    frames = [Image.fromarray(draw(i)) for i in range(n)]
+    frames[0].save(str(path), save_all=n > 1, append_images=frames[1:], duration=ms, loop=0)
+    return str(path)
+
+
+def write_phone_photo(path, upright, orientation=6, **save):
+    """upright (a PIL image) stored as a phone stores it: the pixels turned as the sensor saw them, and the EXIF orientation
+    that turns them back for display (6: turn 90 degrees clockwise, what a phone held upright writes)."""
+    stored = upright.transpose(STORED_AS[orientation]) if orientation in STORED_AS else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    stored.save(str(path), exif=exif, **save)
+    return str(path)
+
+
+# orientation -> the turn that makes the stored pixels of an upright picture (the inverse of the one that shows them)
+T = Image.Transpose
+STORED_AS = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_90, 7: T.TRANSVERSE,
+             8: T.ROTATE_270}
+
+
 def decode_all(path):
     """Every frame of a video, decoded plainly by PyAV, as stored (no turn)."""
     with av.open(str(path)) as c:

@@ -3,6 +3,8 @@
 import errno
 import math
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -10,8 +12,10 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
+import detect
 import main
 from cli import UserError, pick_precision, run_cli, write_atomically, write_or_keep
 from helpers import ROOT, assert_one_clear_line, read_until, run_program, train_args
@@ -140,3 +144,77 @@ def test_a_refused_detector_run_leaves_no_empty_run_folder(tmp_path):
     result = run_program("train_detector.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--device", "cpu")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def every_parser():
+    """Each program's parser, and each of benchmark.py's subcommands."""
+    import argparse
+    import importlib
+    for name in ("main", "train_detector", "detect", "evaluate", "sample", "benchmark"):
+        parser = importlib.import_module(name).get_args_parser()
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from ((f"{name} {sub}", p) for sub, p in action.choices.items())
+
+
+def test_every_help_states_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping: a flag's entry is its line and, for a long one, the next
+    entries = {name: re.split(r"\n(?=  \S)", parser.format_help()) for name, parser in every_parser()}
+    programs = {"main", "train_detector", "detect", "evaluate", "sample", "benchmark"}
+    assert programs | {f"benchmark {c}" for c in ("train", "detector", "video", "finder-memory", "archive")} <= set(entries)
+    for name, flags in entries.items():
+        for entry in flags:
+            assert "(default: None)" not in entry and "(default: False)" not in entry, f"{name}: {entry}"
+            assert entry.count("(default") <= 1, f"{name}: {entry}"
+    help_of = lambda name, flag: " ".join(next(e for e in entries[name] if e.strip().startswith(flag)).split())
+    assert help_of("detect", "--batch").endswith("(default: 64)")  # a default of its own is still stated
+    assert help_of("train_detector", "--out").endswith("(default: runs/detector/NNN-ARCH-SIZE, numbered)")
+    assert help_of("detect", "--threshold").endswith("(default: the threshold stored with the detector)")
+    assert "default" not in help_of("detect", "--every")  # nothing to state, so nothing said
+
+
+class CreatesAFile:
+    """An attacker's object: unpickling it calls open(path, "w"), which creates the file (os.system would do worse)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_file_holding_code_is_refused_in_our_words_and_its_code_never_runs(tmp_path, capsys):
+    pickle.loads(pickle.dumps(CreatesAFile(str(tmp_path / "proof"))))
+    assert (tmp_path / "proof").exists()  # the payload is live: an ordinary unpickling runs it
+    target = tmp_path / "created"
+    payload = {"format": 2, "kind": "detector", "detector": CreatesAFile(str(target)), "threshold": 0.5}
+    torch.save(payload, tmp_path / "saved.pt")  # torch's format
+    with open(tmp_path / "pickled.pt", "wb") as f:
+        pickle.dump(payload, f)  # a plain pickle, over which torch also warns on stderr
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    argv = lambda name: [str(tmp_path / "face.png"), "--checkpoint", str(tmp_path / name), "--device", "cpu"]
+    phrases = lambda name: (f"checkpoint {tmp_path / name} holds Python objects", "loading it could run code, so it was not loaded")
+    result = run_program("detect.py", *argv("pickled.pt"))  # a fresh process: all it prints, warnings included
+    assert_one_clear_line(result, *phrases("pickled.pt"))
+    assert "weights_only" not in result.stderr + result.stdout
+    assert run_cli(detect.main, argv("saved.pt")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(p in err[0] for p in phrases("saved.pt")) and "weights_only" not in err[0]
+    assert re.search(r"objects \([\w.]*open\)", err[0])  # torch's format names what it holds
+    for name in ("saved.pt", "pickled.pt"):
+        with pytest.raises(UserError, match="^--weights .* holds Python objects") as e:
+            checkpoint.load_weights_file(str(tmp_path / name))
+        assert "weights_only" not in str(e.value)
+    assert not target.exists()
+
+
+def test_a_truncated_or_foreign_checkpoint_keeps_its_sentence_without_torchs_advice(tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:500])
+    with open(tmp_path / "foreign.pkl", "wb") as f:
+        pickle.dump({"plain": [1, 2.0, "data"]}, f)  # no objects, but not torch's format either
+    for name in ("cut.pt", "foreign.pkl"):
+        with pytest.raises(UserError, match=f"^cannot read checkpoint .*{name} .*; it may be truncated or not a PyTorch file$") as e:
+            checkpoint.load(str(tmp_path / name))
+        assert "weights_only" not in str(e.value) and "Python objects" not in str(e.value)

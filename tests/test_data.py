@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 import cache
 import data
 from cli import UserError
-from helpers import write_jpegs
+from helpers import write_jpegs, write_phone_photo
 
 NAMES = [f"{i:06d}.jpg" for i in range(1, 13)]
 PARTITION = {n: i % 3 for i, n in enumerate(NAMES)}  # 0 train, 1 valid, 2 test
@@ -95,6 +95,33 @@ def test_a_corrupt_jpeg_is_flagged_not_raised(tmp_path):
     assert ds[0][1] is True
     x, ok = ds[1]
     assert ok is False and torch.equal(x, torch.zeros(3, 32, 32))
+
+
+def test_a_phone_photo_trains_upright(tmp_path):
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    phone = write_phone_photo(tmp_path / "phone.jpg", upright, 6, quality=95)
+    with Image.open(phone) as im:
+        stored = im.convert("RGB")
+    stored.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "twin.png")  # the phone's pixels turned upright, losslessly
+    stored.save(tmp_path / "sideways.png")  # the same pixels on their side, without the tag
+    files = data.ImageFiles([phone, str(tmp_path / "twin.png"), str(tmp_path / "sideways.png")], 32)
+    (x, ok), (twin, _), (sideways, _) = files[0], files[1], files[2]
+    assert ok and torch.equal(x, twin) and not torch.allclose(sideways, twin, atol=0.1)
+
+
+def test_heic_photos_without_pillow_heif_are_left_out_in_one_line(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "photos"
+    write_jpegs(str(root), [f"{i:02d}.jpg" for i in range(20)])
+    for i in range(3):
+        (root / f"IMG_{i}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    everything = lambda: [f for split in data.SPLITS for f in data.folder_files(str(root), split)]
+    monkeypatch.setattr(data, "heif_readable", lambda: True)
+    assert len(everything()) == 23 and capsys.readouterr().err == ""
+    monkeypatch.setattr(data, "heif_readable", lambda: False)
+    assert sorted(os.path.basename(f) for f in everything()) == [f"{i:02d}.jpg" for i in range(20)]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: 3 HEIC/HEIF photos under {root} are left out: reading them needs the pillow-heif package "
+                   "(pip install pillow-heif)"]  # once, not once per split
 
 
 def test_missing_celeba_says_where_it_looked_and_what_to_do(tmp_path):

@@ -27,7 +27,7 @@ import faces
 from checkpoint import load_detector
 from cli import UserError, run_cli
 from detector import fake_scores
-from helpers import FACE_SEED, H, W, blank_frame, decode_all, two_faces, write_video
+from helpers import FACE_SEED, H, W, blank_frame, decode_all, frame_with_face, two_faces, write_gif, write_phone_photo, write_video
 from video import sample_indices
 
 
@@ -130,6 +130,35 @@ def test_faces_none_on_a_folder_of_images(tmp_path, checkpoint):
         assert (r["frames"], r["faces"]) == ("1", "1")
     boxes = [[int(r[k]) for k in "xywh"] for r in read_csv(out / "frames.csv")]
     assert boxes == [[0, 0, 48, 48]] * 3  # the centre square the model saw
+
+
+@pytest.mark.parametrize("picture, flags", [("frame", []), ("crop", ["--faces", "none"])])
+def test_a_phone_photo_is_scored_as_its_upright_twin(tmp_path, checkpoint, picture, flags):
+    upright = Image.fromarray(frame_with_face(0)) if picture == "frame" else data.draw_face(random.Random(FACE_SEED), 64)
+    phone = write_phone_photo(tmp_path / "phone.jpg", upright, 6, quality=90)  # orientation 6: as a phone held upright saves it
+    with Image.open(phone) as im:
+        stored = im.convert("RGB")  # the phone's own pixels, as stored
+    stored.save(tmp_path / "sideways.png")  # without the tag that says which way is up
+    stored.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")  # turned upright, losslessly: the twin
+    out = tmp_path / "out"
+    inputs = [phone, str(tmp_path / "upright.png"), str(tmp_path / "sideways.png")]
+    assert run_detect([*inputs, *flags, "--checkpoint", checkpoint, "--workers", "0", "--out", str(out)]) == 0
+    phone_row, twin, sideways = read_csv(out / "summary.csv")
+    assert phone_row["people"] == twin["people"] == "1"
+    assert float(phone_row["label"]) == pytest.approx(float(twin["label"]), abs=1e-4)
+    # the turn is what makes them equal: on its side the face is missed (a frame) or scored otherwise (a crop)
+    assert sideways["people"] == "0" or abs(float(sideways["label"]) - float(twin["label"])) > 1e-4
+
+
+def test_a_gif_clip_is_scored_as_a_video_and_a_still_gif_as_an_image(tmp_path, checkpoint):
+    clip, still = write_gif(tmp_path / "clip.gif", 10), write_gif(tmp_path / "still.gif", 1)
+    out = tmp_path / "out"
+    assert run_detect([clip, still, "--checkpoint", checkpoint, "--frames", "4", "--workers", "0", "--out", str(out), "--annotate"]) == 0
+    moving, still_result = result_json(out, clip), result_json(out, still)
+    assert (moving["kind"], moving["frames_total"], moving["frames_scored"], moving["frames_with_face"]) == ("video", 10, 4, 4)
+    assert [fr["index"] for fr in moving["frames"]] == sample_indices(10, 4)
+    assert (still_result["kind"], still_result["frames_total"], still_result["frames_scored"]) == ("image", 1, 1)
+    assert len(decode_all(annotated(out, clip))) == 10 and annotated(out, still, ".png").exists()
 
 
 def test_no_face_is_its_own_verdict(tmp_path, checkpoint, capsys):
@@ -370,7 +399,17 @@ def test_an_extract_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
     assert run_cli(detect.main, [str(tmp_path / "face.png"), "--faces", "none", "--extract", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot create the --extract folder" in err[0]
+    assert len(err) == 1 and f"{tmp_path / 'taken'} is a file, so it cannot be the --extract folder" in err[0]
+
+
+def test_an_out_that_is_a_file_is_one_line_naming_it(tmp_path, checkpoint, capsys):
+    (tmp_path / "taken.json").write_text("{}")  # a file where the folder should go
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    argv = [str(tmp_path / "face.png"), "--checkpoint", checkpoint, "--out", str(tmp_path / "taken.json"), "--device", "cpu"]
+    assert run_cli(detect.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'taken.json'} is a file, so it cannot be the --out folder" in err[0]
+    assert "run.json" not in err[0] and (tmp_path / "taken.json").read_text() == "{}"
 
 
 def test_a_tensorboard_folder_under_a_file_is_one_line_before_anything_is_scored(tmp_path, checkpoint, capsys, monkeypatch):

@@ -28,8 +28,8 @@ def test_sample_to_an_unwritable_or_full_place_is_one_line_and_leaves_no_tempora
     (tmp_path / "a_file").write_text("")
     assert run_cli(sample.main, [tiny_run, "--out", str(tmp_path / "a_file" / "grid.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: cannot create the folder for --out {tmp_path / 'a_file'} (File exists); "
-                   "give a folder you can write to, or free space on its disk"]
+    assert err == [f"error: {tmp_path / 'a_file'} is a file, so it cannot be the folder for --out; "
+                   "give the path of a folder (one that does not exist yet is made)"]
 
     def disk_fills_up(images, f, **kwargs):
         f.write(b"\x89PNG half a file")

@@ -35,8 +35,9 @@ def test_a_few_steps_change_the_weights_and_give_finite_losses():
     assert all(p.requires_grad for p in D.parameters())  # the G step gives D its gradients back
 
 
-def test_a_short_run_writes_events_config_samples_and_a_checkpoint(tmp_path):
+def test_a_short_run_writes_events_config_samples_and_a_checkpoint(tmp_path, capsys):
     assert main.main(train_args(tmp_path, "--epochs", "2", "--run-name", "r", "--sample-every", "3")) == 0
+    assert "done at epoch 2/2, step 8;" in capsys.readouterr().out
     run = tmp_path / "r"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["image_size"] == 32 and cfg["epochs"] == 2
@@ -233,6 +234,13 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path, capsys, source):
     for p in in_train:
         assert f"skipped {p}" in err
     assert f"{len(in_train)} images could not be decoded" in err
+
+
+def test_a_stop_within_an_epoch_is_counted_as_the_bar_counts_it(tmp_path, capsys):
+    assert main.main(train_args(tmp_path, "--epochs", "1", "--max-steps", "3", "--run-name", "r")) == 0
+    out, err = capsys.readouterr()
+    assert "epoch 1/1:" in err and "epoch 0" not in err + out  # the bar and the last line name the same epoch
+    assert "done at epoch 1/1, step 3;" in out
 
 
 def test_resume_refuses_flags_that_cannot_change(tmp_path):

@@ -2,6 +2,8 @@
 
 import argparse
 import os
+import sys
+import types
 
 import av
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 from PIL import Image
 
 import faces
-from helpers import H, W, decode_all, frame_with_face, write_video
+import video
+from helpers import H, W, decode_all, frame_with_face, write_gif, write_phone_photo, write_video
 from cli import UserError
-from video import all_frames, input_frames, open_video, read_image, sample_indices
+from video import all_frames, input_frames, media_kind, open_video, read_image, sample_indices
 
 
 def test_sample_indices():
@@ -111,3 +114,54 @@ def test_a_video_removed_after_it_was_probed_is_reported_as_vanished(tmp_path):
     os.remove(path)
     with pytest.raises(UserError, match="^has vanished"):
         list(frames)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_image_is_turned_by_its_exif_orientation_once(tmp_path, orientation):
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))  # no symmetry to hide a turn
+    path = write_phone_photo(tmp_path / "photo.png", upright, orientation)  # PNG: lossless, so the pixels compare exactly
+    with Image.open(path) as im:
+        assert im.getexif()[0x0112] == orientation and (orientation < 2 or np.asarray(im).tobytes() != upright.tobytes())
+    assert np.array_equal(read_image(path), np.asarray(upright))
+
+
+def test_an_animated_gif_is_a_video_and_a_still_one_an_image(tmp_path):
+    clip, still = write_gif(tmp_path / "clip.gif", 10), write_gif(tmp_path / "still.GIF", 1)
+    (tmp_path / "broken.gif").write_bytes(b"GIF89a cut short")
+    assert [media_kind(p) for p in (clip, still, str(tmp_path / "broken.gif"))] == ["video", "image", "image"]
+    with pytest.raises(UserError, match="^cannot be decoded as an image"):  # so a broken GIF is said as an image that is
+        read_image(str(tmp_path / "broken.gif"))
+    reference = []
+    with Image.open(clip) as im:  # Pillow's own frames, each composed over the ones before as a viewer shows them
+        for i in range(im.n_frames):
+            im.seek(i)
+            reference.append(np.asarray(im.convert("RGB")))
+    info, frames = input_frames(clip, "video", frames=4)
+    got = list(frames)
+    assert (info["frames_total"], info["frames_sampled"], info["fps"]) == (10, 4, 10.0)
+    assert [i for i, _, _ in got] == sample_indices(10, 4)
+    for i, seconds, frame in got:
+        assert np.array_equal(frame, reference[i]) and seconds == pytest.approx(i / 10)
+
+
+@pytest.fixture
+def heif_state():
+    """heif_readable answers once per process: forget the answer before and after a test that changes what it finds."""
+    video.heif_readable.cache_clear()
+    yield
+    video.heif_readable.cache_clear()
+
+
+def test_an_heic_photo_without_pillow_heif_names_the_package(tmp_path, monkeypatch, heif_state):
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as where it is not installed: importing it fails
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert media_kind(str(path)) == "image"
+    with pytest.raises(UserError, match=r"^is an HEIC/HEIF photo .*: pip install pillow-heif$"):
+        read_image(str(path))
+
+
+def test_pillow_heif_where_installed_is_registered_with_pillow_once(monkeypatch, heif_state):
+    calls = []
+    monkeypatch.setitem(sys.modules, "pillow_heif", types.SimpleNamespace(register_heif_opener=lambda: calls.append(1)))
+    assert video.heif_readable() and video.heif_readable() and calls == [1]
