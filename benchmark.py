@@ -777,6 +777,21 @@ def add_round_flags(parser, steps_help, rounds_help, warmup_help):
     parser.add_argument("--warmup", type=at_least(1), default=1, help=warmup_help)
 
 
+def add_networks_parser(sub):
+    n = sub.add_parser("networks", help="train_detector.py's training step, faces/s, for detector networks and input sizes")
+    n.add_argument("networks", nargs="*", type=parse_network, metavar="ARCH:SIZE[:freezeN]",
+                   default=[("mobilenet_v3_large", 128, 0), ("tf_efficientnet_lite0", 128, 0), ("tf_efficientnet_lite0", 128, 2),
+                            ("tf_efficientnet_lite0", 96, 0), ("tf_efficientnet_lite0", 160, 0), ("tf_efficientnet_lite1", 128, 0)],
+                   help="the networks to time, the first the baseline (default: MobileNetV3-Large 128, then EfficientNet-Lite choices)")
+    n.add_argument("--batch", type=at_least(2), default=64, help="faces a step, half real, half fake (train_detector.py's)")
+    n.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the batches are taken from")
+    add_round_flags(n, "timed steps per network per round", "rounds of every network in turn", "untimed steps before each timed run")
+    n.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
+    add_device_flag(n)
+    n.add_argument("--seed", type=int, default=0)
+    n.set_defaults(run=bench_networks)
+
+
 def add_archive_parser(sub):
     a = sub.add_parser("archive", help="detect.py on an archive: --workers against one process, kill -9 and resume, torchrun, memory")
     a.add_argument("--data", required=True, help="a folder holding videos and images, searched recursively")
@@ -828,18 +843,7 @@ def get_args_parser():
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=bench_detector)
 
-    n = sub.add_parser("networks", help="train_detector.py's training step, faces/s, for detector networks and input sizes")
-    n.add_argument("networks", nargs="*", type=parse_network, metavar="ARCH:SIZE[:freezeN]",
-                   default=[("mobilenet_v3_large", 128, 0), ("tf_efficientnet_lite0", 128, 0), ("tf_efficientnet_lite0", 128, 2),
-                            ("tf_efficientnet_lite0", 96, 0), ("tf_efficientnet_lite0", 160, 0), ("tf_efficientnet_lite1", 128, 0)],
-                   help="the networks to time, the first the baseline (default: MobileNetV3-Large 128, then EfficientNet-Lite choices)")
-    n.add_argument("--batch", type=at_least(2), default=64, help="faces a step, half real, half fake (train_detector.py's)")
-    n.add_argument("--faces", type=at_least(1), default=256, help="drawn faces the batches are taken from")
-    add_round_flags(n, "timed steps per network per round", "rounds of every network in turn", "untimed steps before each timed run")
-    n.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch CPU threads")
-    add_device_flag(n)
-    n.add_argument("--seed", type=int, default=0)
-    n.set_defaults(run=bench_networks)
+    add_networks_parser(sub)
 
     v = sub.add_parser("video", help="detect.py on one video: decoding against two baselines, then the whole pipeline")
     v.add_argument("video", help="a video file (the README's numbers are for a 1280x720 clip with one face)")
