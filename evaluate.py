@@ -6,6 +6,7 @@
     python evaluate.py RUN --dataset folder --data-root other/faces --out reports/other    # a report on other data
     python evaluate.py RUN --videos deepfakes/ --part test   # the detector, per video, on its held-out identities
     python evaluate.py RUN --videos other_dataset/           # ... or on any folder of real*/ and fake*/ videos
+    python evaluate.py RUN --videos deepfakes/ --robustness  # ... and again re-encoded as videos reach users
 
 Written next to the checkpoint, or into --out DIR: metrics.json, detector.pt (when
 fine-tuning) and the TensorBoard scalars, PR curves and score histograms, in RUN/eval (or

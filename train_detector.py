@@ -347,7 +347,7 @@ def finish(model, folders, args, out, progress, device):
             if parts[name].files:
                 scores = valid_scores[root] if name == "valid" else part_scores(model, [parts[name]], device)[root]
                 entry[name] = reports.video_evaluation([(f[0], f[1]) for f in parts[name].files], scores, threshold, root)
-    dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames,
+    dcfg = checkpoint.detector_config(args.arch, args.image_size, framing=detector.FRAMING, frames=args.frames, normalize=model.normalize,
                                       faces={"faces": args.faces, "detect_size": args.detect_size, "max_faces": args.max_faces})
     info = {"method": "trained", "args": vars(args), "false_alarm_rate": args.false_alarms, **report}
     path = os.path.join(out, "detector.pt")
