@@ -203,20 +203,21 @@ def verdict_mark(r):
 
 def detail_page(result, thumbnails, detector_kind):
     """results/KEY.html: one input's score over time, each person's score and crops, what the model saw."""
+    from detector import format_score, format_threshold
     r, name = result, html.escape(result["file"])
     duration = r["frames_total"] / r["fps"] if r["fps"] else max([fr["time"] for fr in r["frames"]] + [0])
     rows = "".join(
         f'<tr><td class="num">{t["track"]}</td><td>{"counted" if t["counted"] else "left out (seen in too few frames)"}</td>'
         f'<td class="num">{t["frames"]}</td><td class="num">{t["score"]:.3f}</td><td class="num">{t["max"]:.3f}</td>'
         f'<td>{crop_strip(r, thumbnails, t["track"]) if t["counted"] else ""}</td></tr>' for t in r["tracks"])
-    score = " (no score;" if r["score"] is None else f' {r["score"]:.3f} (P(fake);'
+    score = " (no score;" if r["score"] is None else f' {format_score(r["score"], r["threshold"])} (P(fake);'
     people = ('<h2 style="font-size:1em">People (face tracks), most fake-looking first</h2>\n<table><tr><th>track</th><th></th>'
               f'<th>frames</th><th>mean score</th><th>highest</th><th>what the model saw</th></tr>\n{rows}</table>') if rows else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{name}</title>{STYLE}</head><body>
 <p><a href="../report.html">all inputs</a></p>
 <h1 style="font-size:1.2em">{name}</h1>
-<p>{verdict_mark(r)}{score} threshold {r["threshold"]:.3f}; detector: {html.escape(detector_kind)}).
+<p>{verdict_mark(r)}{score} threshold {format_threshold(r["threshold"])}; detector: {html.escape(detector_kind)}).
 {r["frames_with_face"]} of {r["frames_scored"]} sampled frames show a face; {r["seconds"]:.1f} s.</p>
 <p>Score per frame over the video's time (a frame takes its most fake-looking counted face), the threshold dashed,
 red ticks where no face was found:</p>
@@ -227,6 +228,7 @@ red ticks where no face was found:</p>
 
 def report_page(stored, detector_kind, counts, meaning):
     """report.html as pieces of text, one table row per input as `stored` yields (input, result or None)."""
+    from detector import format_score
     yield f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>detect.py report</title>{STYLE}</head><body>
 <h1>detect.py report</h1>
@@ -242,7 +244,7 @@ def report_page(stored, detector_kind, counts, meaning):
             yield f'<tr><td class="file">{html.escape(path)}</td><td>{verdict_mark(r)}</td><td colspan="4">{html.escape(r["error"])}</td></tr>\n'
         else:
             page = "results/" + archive.Results.key(path) + ".html"
-            score = "" if r["score"] is None else f'{r["score"]:.3f}'
+            score = "" if r["score"] is None else format_score(r["score"], r["threshold"])
             yield (f'<tr><td class="file"><a href="{html.escape(page)}">{html.escape(path)}</a></td><td>{verdict_mark(r)}</td>'
                    f'<td class="num">{score}</td><td class="num">{r["people"]}</td>'
                    f'<td class="num">{r["frames_with_face"]} of {r["frames_scored"]}</td><td class="num">{r["seconds"]:.1f}</td></tr>\n')
@@ -404,6 +406,7 @@ def open_detector(args, place):
     import torch
     from checkpoint import SHIPPED_DETECTOR, load_detector
     from cli import pick_device
+    from detector import format_threshold
     device = pick_device(args.device)
     if device.type == "cuda" and device.index is None and place.world > 1:
         device = torch.device("cuda", place.local_rank % torch.cuda.device_count())  # each process its GPU
@@ -418,7 +421,7 @@ def open_detector(args, place):
         threshold = args.threshold
     if place.first:
         print(f"detector: the {kind} ({info['arch']}, {info['image_size']}x{info['image_size']}) of {source}, "
-              f"threshold {threshold:.3f}, on {device}" + (f", {place.world} processes" if place.world > 1 else ""))
+              f"threshold {format_threshold(threshold)}, on {device}" + (f", {place.world} processes" if place.world > 1 else ""))
         if kind == "raw discriminator":
             print("note: this run has no fine-tuned detector (detector.pt), so the GAN's discriminator scores the faces")
     return model, threshold, kind, info, device
@@ -426,13 +429,14 @@ def open_detector(args, place):
 
 def threshold_meaning(info, threshold, given):
     """What a "fake" verdict means, in words, for the summary and report.html."""
+    from detector import format_threshold
     if given is not None:
-        return f"fake means P(fake) >= {threshold:.3f}, the threshold you gave"
+        return f"fake means P(fake) >= {format_threshold(threshold)}, the threshold you gave"
     rate = info.get("false_alarm_rate")
     if rate:
-        return (f"fake means P(fake) >= {threshold:.3f}, the detector's threshold, set so that at most 1 in {round(1 / rate)} of the "
+        return (f"fake means P(fake) >= {format_threshold(threshold)}, the detector's threshold, set so that at most 1 in {round(1 / rate)} of the "
                 f"real videos and faces it was checked on ({rate:.0%}) are called fake; on footage unlike those, expect more false alarms")
-    return (f"fake means P(fake) >= {threshold:.3f}, the detector's threshold, set for the best balanced accuracy on its "
+    return (f"fake means P(fake) >= {format_threshold(threshold)}, the detector's threshold, set for the best balanced accuracy on its "
             "validation data, not for few false alarms")
 
 
@@ -495,7 +499,7 @@ def score_one(item, found, args, scoring, results, writer, tally):
         if result["decode_errors"]:
             tqdm.write(f"warning: {path}: {result['decode_errors']} packets could not be decoded; their frames were passed over",
                        file=sys.stderr)
-        score = "" if result["score"] is None else f"{result['score']:.3f} "
+        score = "" if result["score"] is None else f"{detector.format_score(result['score'], result['threshold'])} "
         tqdm.write(f"{result['verdict']} {score}{path}" + (f" ({result['people']} people)" if result["people"] > 1 else ""))
     tally.add(result)
     if writer is not None:
@@ -580,13 +584,14 @@ def write_reports(args, results, detector_kind, meaning):
 
 
 def print_table(results):
+    from detector import format_score
     width = max([len(r["file"]) for r in results] + [4])
     print(f"{'file':<{width}}  {'frames':>6}  {'no face':>7}  {'people':>6}  {'score':>6}  {'>thr':>5}  verdict")
     for r in results:
         if "error" in r:
             print(f"{r['file']:<{width}}  {'':>6}  {'':>7}  {'':>6}  {'':>6}  {'':>5}  error: {r['error']}")
             continue
-        score = "" if r["score"] is None else f"{r['score']:.3f}"
+        score = "" if r["score"] is None else format_score(r["score"], r["threshold"])
         share = "" if r["share_above_threshold"] is None else f"{r['share_above_threshold']:.0%}"
         print(f"{r['file']:<{width}}  {r['frames_scored']:>6}  {r['frames_without_face']:>7}  {r['people']:>6}  {score:>6}  {share:>5}  "
               f"{r['verdict']}")

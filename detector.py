@@ -321,6 +321,17 @@ def summarise(path, kind, info, records, threshold):
     }
 
 
+def format_threshold(t):
+    """A threshold with the digits it needs: 0.99995 stays 0.999950, never "1"."""
+    gap = min(t, 1 - t)
+    return f"{t:.{max(3, math.ceil(-math.log10(gap)) + 1) if gap > 0 else 3}f}"
+
+
+def format_score(score, threshold):
+    """A score with the digits its threshold is shown with, so that 0.9966 under a threshold of 0.9969 never reads 0.997."""
+    return f"{score:.{len(format_threshold(threshold).partition('.')[2])}f}"
+
+
 def track_scores(records):
     """[{"track", "counted", "frames" (how many show it), "score" (its faces' mean), "max"}], the counted and most fake-looking first."""
     by_track = {}

@@ -9,7 +9,6 @@ metrics.json and TensorBoard scalars, PR curves and score histograms.
 
 import glob
 import json
-import math
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ import detector
 import metrics
 from blends import frame_augment, jpeg
 from cli import make_folder, write_text
+from detector import format_threshold
 from metrics import detection_metrics, pick_threshold, sliced_wasserstein
 from models import seeded_samples
 
@@ -131,12 +131,6 @@ def summary_table(report):
     rows.append(f"\nSWD x1e3 (avg over levels): {g['swd_x1e3']['avg']:.2f}  "
                 + ("FID: " + f"{g['fid']:.2f}, KID x1e3: {g['kid_x1e3']:.2f}" if g.get("fid") is not None else "FID: skipped"))
     return "\n".join(rows)
-
-
-def format_threshold(t):
-    """A threshold with the digits it needs: 0.99995 stays 0.999950, never "1"."""
-    gap = min(t, 1 - t)
-    return f"{t:.{max(3, math.ceil(-math.log10(gap)) + 1) if gap > 0 else 3}f}"
 
 
 def score_chart(scores, labels, threshold=None, bins=20, width=320, height=120):
