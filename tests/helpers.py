@@ -148,11 +148,3 @@ def read_until(proc, done, timeout):
             assert chunk, f"the program ended (status {proc.wait()}) before it got there; it printed:\n{seen[-2000:]}"
             seen += chunk.decode(errors="replace")
     return seen
-
-
-def find_or_crash(job):
-    """A stand-in for archive._find_faces in a worker: inputs named crash* kill their worker process, as a decoder crash would."""
-    (path, kind, problem), frames, every, size = job
-    if os.path.basename(path).startswith("crash"):
-        os._exit(1)
-    return {"path": path, "pid": os.getpid()}

@@ -23,7 +23,8 @@ import detect
 import detector
 import faces
 from cli import run_cli
-from helpers import ROOT, find_or_crash, two_faces, write_video
+from helpers import ROOT, two_faces, write_video
+from worker_jobs import find_or_crash
 
 
 def run_detect(*argv):
