@@ -158,3 +158,11 @@ def test_pairs_compare_each_fake_with_its_own_real_video():
               "/d/real/c.mp4": 0.1, "/d/fake/x.mp4": 0.9,   # no twins
               "/d/real/d.mp4": None, "/d/fake/d.mp4": 0.3}  # no face in the real one: not a pair
     assert metrics.pair_wins(scores, "/d") == (1, 2)
+
+
+def test_the_false_alarm_threshold_calls_exactly_the_allowed_share_of_reals_fake():
+    real = np.random.default_rng(0).random(1000)
+    t = metrics.false_alarm_threshold(real, 0.05)
+    assert (real >= t).sum() == 50 and (real >= np.nextafter(t, 0)).sum() == 51  # the lowest that allows only 50
+    assert metrics.false_alarm_threshold([0.1, 0.9, 0.3, 0.2], 0.05) > 0.9  # 5% of 4 is none: above every real file
+    assert metrics.false_alarm_threshold([0.1, 1.0], 0.05) == 1.0  # P(fake) cannot exceed 1: a real file at 1.0 stays called fake
