@@ -322,6 +322,13 @@ def face_jobs(paths, flags, framing, frames, image_size, cache_dir, as_crops):
     return jobs
 
 
+def _worker_lock():
+    """A spawned worker's tqdm takes a thread lock: the process-shared lock it makes by default is a named semaphore
+    that the pool's stop leaves registered, and Python then warns of "leaked semaphore objects" at exit."""
+    import threading
+    tqdm.set_lock(threading.RLock())
+
+
 def many_media_faces(jobs, workers=None, desc="faces"):
     """media_faces for many files on all cores: jobs are (path, kind, finder flags dict or None, framing, settings, frames,
     image_size, cache_dir); yields (path, result or None, problem or None) in the jobs' order."""
@@ -329,7 +336,7 @@ def many_media_faces(jobs, workers=None, desc="faces"):
     bar = tqdm(total=len(jobs), desc=desc, unit="file", dynamic_ncols=True, leave=False)
     try:
         if workers > 1 and len(jobs) > 1:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_lock) as pool:
                 for out in pool.imap(_faces_worker, jobs, chunksize=16):
                     bar.update()
                     yield out

@@ -239,3 +239,19 @@ def test_a_full_face_cache_folder_stops_with_one_sentence_instead_of_leaving_eve
     jobs = [(p, "image", None, None, {"faces": "none"}, 1, 32, str(tmp_path / "cache")) for p in paths]
     with pytest.raises(UserError, match="cannot write .*faces.*No space left on device"):
         list(cache.many_media_faces(jobs, workers=1))
+
+
+
+def test_a_face_finding_workers_progress_bars_make_no_named_semaphore(monkeypatch):
+    # tqdm's default lock is a multiprocessing RLock: in a spawned pool worker a named semaphore that the pool's stop
+    # leaves registered, and the program ends with Python's "leaked semaphore objects" warning
+    import multiprocessing.synchronize
+    import tqdm.std
+    made = []
+    monkeypatch.setattr(multiprocessing.synchronize.SemLock, "__init__", lambda self, *args, **kwargs: made.append(args))
+    monkeypatch.delattr(tqdm.std.tqdm, "_lock", raising=False)  # as in a fresh worker process
+    monkeypatch.delattr(tqdm.std.TqdmDefaultWriteLock, "mp_lock", raising=False)
+    cache._worker_lock()
+    with tqdm.std.tqdm(range(2), disable=True) as bar:
+        list(bar)
+    assert made == []
