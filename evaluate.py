@@ -50,7 +50,7 @@ def get_args_parser():
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder or its checkpoint.pt; results are written next to it unless --out is given")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write metrics.json, TensorBoard and a fine-tuned detector.pt here instead (for reports on other data); "
-                        "a detector.pt here is used before the run's")
+                        "a detector.pt here is used before the run's; with --videos/--faces, the JSON report")
     p.add_argument("--detector-steps", type=at_least(0), default=0,
                    help="fine-tune a new detector.pt for this many steps first (0: use the one in --out or the run's, if there is one)")
     p.add_argument("--eval-images", type=at_least(2), default=1000, help="valid and test images used (each split)")
@@ -151,10 +151,19 @@ def reencoded(path, crf, scale, cache_dir):
     return out
 
 
+def out_folder(args, run_dir):
+    """--out, or the run's folder: where the reports go."""
+    if not args.out:
+        return run_dir
+    make_folder(os.path.abspath(args.out), "--out folder")  # checked before the work, not after it
+    return os.path.abspath(args.out)
+
+
 def evaluate_labelled(args):
-    """--videos DIR or --faces DIR: the detector's report per file (video) and per face (frame), as JSON beside it and a table."""
+    """--videos DIR or --faces DIR: the detector's report per file (video) and per face (frame), as a table and JSON (beside it, or in --out)."""
     device = pick_device(args.device)
     model, threshold, kind, info = checkpoint.load_detector(args.run, device)
+    out_dir = out_folder(args, checkpoint.run_dir_of(args.run))
     root = args.faces or args.videos
     items = labelled_files(args, root, info)
     scores, face_scores, face_labels = labelled_scores(args, items, model, info, device, as_crops=bool(args.faces))
@@ -173,7 +182,7 @@ def evaluate_labelled(args):
     det_name = "detector" if os.path.isdir(args.run) or args.run.endswith("checkpoint.pt") else os.path.splitext(os.path.basename(args.run))[0]
     what = "faces" if args.faces else "videos"
     name = f"{det_name}-{what}-{os.path.basename(os.path.normpath(root))}" + (f"-{args.part}" if args.part else "") + ".json"
-    out = os.path.join(checkpoint.run_dir_of(args.run), name)
+    out = os.path.join(out_dir, name)
     write_text(out, json.dumps(report, indent=1))
     print(f"wrote {out}")
     return 0
@@ -192,9 +201,7 @@ def main(argv=None):
     cfg = dataclasses.replace(Config.from_dict(ckpt["config"]), **overrides)
     device = pick_device(args.device)
     G, D = checkpoint.models_from(ckpt, path, device)
-    out_dir = os.path.abspath(args.out) if args.out else run_dir
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out {args.out} is a file; give a folder (it is created when missing)")
+    out_dir = out_folder(args, run_dir)
     # the run's own events file already holds the training curves (and main.py's report): the report gets a folder of its own
     tb_dir = os.path.join(run_dir, "eval") if out_dir == run_dir else out_dir
     writer = reports.report_writer(tb_dir)

@@ -109,7 +109,7 @@ def test_evaluate_out_that_is_a_file_is_one_line(trained_run, tmp_path, capsys):
     (tmp_path / "report.txt").write_text("not a folder")
     assert run_cli(evaluate.main, [trained_run, "--out", str(tmp_path / "report.txt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is a file; give a folder" in err[0]
+    assert len(err) == 1 and "is a file, so it cannot be the --out folder" in err[0]
 
 
 def test_thresholds_are_printed_with_the_digits_they_need():

@@ -153,8 +153,9 @@ def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_eva
     assert sorted(evaluated["files"]) == sorted(video_entry["test"]["files"])
     for path, entry in evaluated["files"].items():
         assert entry["score"] == pytest.approx(video_entry["test"]["files"][path]["score"], abs=1e-5)
-    assert evaluate.main([out, "--faces", str(crops), "--part", "test", *cache]) == 0
-    faces = json.loads((tmp_path / "run" / "detector-faces-crops-test.json").read_text())
+    assert evaluate.main([out, "--faces", str(crops), "--part", "test", *cache, "--out", str(tmp_path / "reports")]) == 0
+    faces = json.loads((tmp_path / "reports" / "detector-faces-crops-test.json").read_text())  # --out, not the run
+    assert not (tmp_path / "run" / "detector-faces-crops-test.json").exists()
     crop_entry = info["folders"][str(crops)]
     assert faces["overall"]["auc"] == pytest.approx(crop_entry["test"]["overall"]["auc"])
     assert faces["frames"]["n_real"] + faces["frames"]["n_fake"] == len(crop_entry["split"]["test"]["files"])  # a face a crop
