@@ -231,7 +231,7 @@ def _decode_chunk(job):
 # -----------------------------------------------------------------------------
 # face crops of videos and images, for the detector: found once per file and settings
 
-FACES_FORMAT = 3  # 3: landmarks beside the faces of the counted tracks and their frames
+FACES_FORMAT = 4  # 3: landmarks beside the faces of the counted tracks and their frames; 4: images turned upright by their EXIF tag
 
 
 def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
