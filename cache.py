@@ -34,7 +34,7 @@ import data
 from cli import CannotWrite, UserError, cores, make_folder, write_atomically, write_text
 
 FORMAT = 1  # bump when the layout of a cache folder changes
-CROP = "torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what resize_crop does, part of the key
+CROP = "EXIF upright + torchvision Resize(shorter side, bilinear, antialias) + CenterCrop"  # what open_rgb and resize_crop do, part of the key
 
 
 def cache_key(files, image_size):
