@@ -146,6 +146,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
     Written out rather than drawn with matplotlib: a polyline and a few marks are a dozen
     lines, and matplotlib would slow detect.py's start and make the page much larger (docs/detect.md).
     """
+    from detector import format_score
     x = lambda t: 4 + (width - 8) * (t / duration if duration > 0 else 0.5)
     y = lambda s: 4 + (height - 8) * (1 - s)
     scored = [fr for fr in frames if fr["score"] is not None]
@@ -155,7 +156,7 @@ def score_plot(frames, threshold, duration, width=320, height=70):
         marks.append(f'<polyline points="{points}" fill="none" stroke="#444" stroke-width="1"/>')
     for fr in scored:
         marks.append(f'<circle cx="{x(fr["time"]):.1f}" cy="{y(fr["score"]):.1f}" r="2.5" fill="{css(score_colour(fr["score"], threshold))}">'
-                     f'<title>frame {fr["index"]}, {fr["time"]:.2f} s: {fr["score"]:.3f}</title></circle>')
+                     f'<title>frame {fr["index"]}, {fr["time"]:.2f} s: {format_score(fr["score"], threshold)}</title></circle>')
     for fr in frames:  # a tick on the axis where no face was found
         if fr["score"] is None:
             marks.append(f'<line x1="{x(fr["time"]):.1f}" x2="{x(fr["time"]):.1f}" y1="{height - 4}" y2="{height}" stroke="#c00"/>')
@@ -173,13 +174,14 @@ def data_uri(pixels):
 
 def crop_strip(result, thumbnails, track, most=12):
     """Up to `most` of one person's scored face crops, spread over the input, each framed in its score's colour."""
+    from detector import format_score
     faces_of = [(fr, face) for fr in result["frames"] for face in fr["faces"] if face["track"] == track and (fr["index"], track) in thumbnails]
     if len(faces_of) > most:
         faces_of = [faces_of[round(i * (len(faces_of) - 1) / (most - 1))] for i in range(most)]
     return '<div class="strip">' + "".join(
         f'<figure><img src="{data_uri(thumbnails[fr["index"], track])}" '
         f'style="border-color:{css(score_colour(face["score"], result["threshold"]))}" alt="frame {fr["index"]}">'
-        f'<figcaption>{face["score"]:.2f}</figcaption></figure>' for fr, face in faces_of) + "</div>"
+        f'<figcaption>{format_score(face["score"], result["threshold"])}</figcaption></figure>' for fr, face in faces_of) + "</div>"
 
 
 STYLE = """<style>
@@ -208,7 +210,8 @@ def detail_page(result, thumbnails, detector_kind):
     duration = r["frames_total"] / r["fps"] if r["fps"] else max([fr["time"] for fr in r["frames"]] + [0])
     rows = "".join(
         f'<tr><td class="num">{t["track"]}</td><td>{"counted" if t["counted"] else "left out (seen in too few frames)"}</td>'
-        f'<td class="num">{t["frames"]}</td><td class="num">{t["score"]:.3f}</td><td class="num">{t["max"]:.3f}</td>'
+        f'<td class="num">{t["frames"]}</td><td class="num">{format_score(t["score"], r["threshold"])}</td>'
+        f'<td class="num">{format_score(t["max"], r["threshold"])}</td>'
         f'<td>{crop_strip(r, thumbnails, t["track"]) if t["counted"] else ""}</td></tr>' for t in r["tracks"])
     score = " (no score;" if r["score"] is None else f' {format_score(r["score"], r["threshold"])} (P(fake);'
     people = ('<h2 style="font-size:1em">People (face tracks), most fake-looking first</h2>\n<table><tr><th>track</th><th></th>'
@@ -258,13 +261,14 @@ def draw_faces(frame, faces_here, threshold):
     """Box each face in its score's colour with the score beside it; faces that do not count in grey."""
     import cv2
     import numpy as np
+    from detector import format_score
     frame = np.array(frame)  # a writable copy: decoded frames may be read-only, and the caller's stays clean
     thickness = max(2, frame.shape[0] // 300)
     for face, counted in faces_here:
         x, y, w, h = face["box"]
         colour = score_colour(face["score"], threshold) if counted else GREY
         cv2.rectangle(frame, (x, y), (x + w, y + h), colour, thickness if counted else max(1, thickness // 2))
-        cv2.putText(frame, f"{face['score']:.2f}", (x, max(0, y - 2 * thickness)), cv2.FONT_HERSHEY_SIMPLEX,
+        cv2.putText(frame, format_score(face["score"], threshold), (x, max(0, y - 2 * thickness)), cv2.FONT_HERSHEY_SIMPLEX,
                     thickness / 3, colour, thickness)
     return frame
 

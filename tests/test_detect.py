@@ -360,6 +360,10 @@ def test_report_html_names_every_input_and_links_a_page_with_its_images(tmp_path
     with Image.open(io.BytesIO(base64.b64decode(max(images)[0]))) as im:
         assert im.size == (32, 32)  # the model's input
     assert sum(p.count("<polyline") for p in pages) == 2 and all(p.count("<svg") == 1 for p in pages)
+    for p in pages:  # each crop's score with the threshold's digits, so that its frame's colour and its number agree
+        shown = re.search(r"threshold (\d\.\d+);", p).group(1)
+        assert {len(c) for c in re.findall(r"<figcaption>([\d.]+)</figcaption>", p)} <= {len(shown)}
+    assert sum(len(re.findall(r"<figcaption>", p)) for p in pages) == 8
     assert "<img" not in page  # the table stays light however many inputs there are
 
 
