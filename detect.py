@@ -431,17 +431,22 @@ def open_detector(args, place):
     return model, threshold, kind, info, device
 
 
-def threshold_meaning(info, threshold, given):
+def threshold_meaning(kind, info, threshold, given):
     """What a "fake" verdict means, in words, for the summary and report.html."""
     from detector import format_threshold
+    said = f"fake means P(fake) >= {format_threshold(threshold)}"
     if given is not None:
-        return f"fake means P(fake) >= {format_threshold(threshold)}, the threshold you gave"
+        return f"{said}, the threshold you gave"
+    if kind == "raw discriminator":
+        return f"{said}, the raw discriminator's even odds, set on no data: its verdicts are a rough guide at best"
     rate = info.get("false_alarm_rate")
-    if rate:
-        return (f"fake means P(fake) >= {format_threshold(threshold)}, the detector's threshold, set so that at most 1 in {round(1 / rate)} of the "
-                f"real videos and faces it was checked on ({rate:.0%}) are called fake; on footage unlike those, expect more false alarms")
-    return (f"fake means P(fake) >= {format_threshold(threshold)}, the detector's threshold, set for the best balanced accuracy on its "
-            "validation data, not for few false alarms")
+    unlike = "on footage unlike those, expect more false alarms"
+    if rate == 0:
+        return f"{said}, the detector's threshold, set above every real video and face it was checked on; {unlike}"
+    if rate is not None:
+        return (f"{said}, the detector's threshold, set so that at most 1 in {round(1 / rate)} of the real videos and faces it was "
+                f"checked on ({rate:.0%}) are called fake; {unlike}")
+    return f"{said}, the detector's threshold, set for the best balanced accuracy on its validation data, not for few false alarms"
 
 
 def run_settings(model, threshold, kind, info, face_settings, args):
@@ -635,7 +640,7 @@ def main(argv=None):
         args.max_faces = args.max_faces or 1  # a training folder's label is its main person's
         return extract(list_inputs(args), finder_for(args, info).finder, args)
     model, threshold, detector_kind, info, device = open_detector(args, place)
-    meaning = threshold_meaning(info, threshold, args.threshold)
+    meaning = threshold_meaning(detector_kind, info, threshold, args.threshold)
     finder = finder_for(args, info)
     scoring = Scoring(model, device, threshold, detector_kind, info["image_size"])
     results = None

@@ -190,6 +190,10 @@ def freeze_early(model, n):
     with the stem and 2 blocks kept (benchmark.py networks; docs/detector.md). Their BatchNorm statistics still
     follow the faces. Returns the number of tensors kept.
     """
+    if n < 0:
+        raise UserError(f"--freeze {n}: give how many of the first blocks to keep, 0 or more")
+    if n == 0:
+        return 0  # nothing kept, not even the stem: --freeze 0 trains every weight
     net = model.net
     if model.arch in TIMM_ARCHS:
         early = [net.conv_stem, net.bn1, *net.blocks[:n]]
@@ -328,8 +332,13 @@ def format_threshold(t):
 
 
 def format_score(score, threshold):
-    """A score with the digits its threshold is shown with, so that 0.9966 under a threshold of 0.9969 never reads 0.997."""
-    return f"{score:.{len(format_threshold(threshold).partition('.')[2])}f}"
+    """A score with the digits its threshold is shown with, and more where a score below the threshold would read as
+    equal to it: under a threshold of 0.99686 (shown 0.9969), 0.9966 reads 0.9966 and 0.99685 reads 0.99685."""
+    shown = format_threshold(threshold)
+    digits = len(shown.partition(".")[2])
+    while score < threshold and digits < 12 and float(f"{score:.{digits}f}") >= float(shown):
+        digits += 1
+    return f"{score:.{digits}f}"
 
 
 def track_scores(records):

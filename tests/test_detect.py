@@ -432,3 +432,12 @@ def test_a_fifo_or_a_device_on_the_command_line_is_named_as_what_it_is(tmp_path)
     found = list(archive.list_inputs([str(tmp_path / "pipe"), str(tmp_path / "pipe.mp4"), "/dev/null"]))
     assert [problem for _, _, problem in found] == ["is a FIFO (named pipe), not a video or image file"] * 2 + [
         "is a character device, not a video or image file"]
+
+
+def test_the_threshold_is_explained_by_how_it_was_set():
+    trained = "trained detector"
+    assert "at most 1 in 20 of the real videos" in detect.threshold_meaning(trained, {"false_alarm_rate": 0.05}, 0.9, None)
+    assert "above every real video and face" in detect.threshold_meaning(trained, {"false_alarm_rate": 0.0}, 0.9, None)
+    assert "best balanced accuracy" in detect.threshold_meaning(trained, {}, 0.6, None)  # a detector made before the rate was stored
+    assert "even odds, set on no data" in detect.threshold_meaning("raw discriminator", {"threshold": 0.5}, 0.5, None)
+    assert detect.threshold_meaning(trained, {"false_alarm_rate": 0.05}, 0.7, 0.7) == "fake means P(fake) >= 0.700, the threshold you gave"

@@ -116,6 +116,10 @@ def test_thresholds_are_printed_with_the_digits_they_need():
     assert reports.format_threshold(0.99995) == "0.999950"
     assert reports.format_threshold(0.00012) == "0.00012"
     assert reports.format_threshold(0.5713) == "0.571"
+    from detector import format_score
+    t = 0.99686  # shown 0.9969: a score just under it gets the digits that show it under
+    assert [format_score(s, t) for s in (0.9966, 0.99685, 0.99686, 0.9970)] == ["0.9966", "0.99685", "0.9969", "0.9970"]
+    assert format_score(0.4996, 0.5) == "0.4996" and format_score(0.5004, 0.5) == "0.500"
 
 
 def test_evaluate_on_a_missing_run_is_one_line(tmp_path, capsys):
