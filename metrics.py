@@ -112,7 +112,8 @@ def false_alarm_threshold(real_scores, rate):
         raise ValueError("a false-alarm threshold needs real scores")
     if not 0 <= rate < 1:
         raise ValueError(f"a false-alarm rate is in [0, 1), got {rate}")
-    return float(min(1.0, np.nextafter(s[int(np.floor(rate * len(s)))], np.inf)))  # a real file at P(fake) 1.0 cannot be spared
+    allowed = int(np.floor(rate * len(s) + 1e-9))  # 0.29 * 100 is 28.999...: 29 files may be called fake, not 28
+    return float(min(1.0, np.nextafter(s[allowed], np.inf)))  # a real file at P(fake) 1.0 cannot be spared
 
 
 # -----------------------------------------------------------------------------

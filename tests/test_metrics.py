@@ -166,3 +166,4 @@ def test_the_false_alarm_threshold_calls_exactly_the_allowed_share_of_reals_fake
     assert (real >= t).sum() == 50 and (real >= np.nextafter(t, 0)).sum() == 51  # the lowest that allows only 50
     assert metrics.false_alarm_threshold([0.1, 0.9, 0.3, 0.2], 0.05) > 0.9  # 5% of 4 is none: above every real file
     assert metrics.false_alarm_threshold([0.1, 1.0], 0.05) == 1.0  # P(fake) cannot exceed 1: a real file at 1.0 stays called fake
+    assert (real[:100] >= metrics.false_alarm_threshold(real[:100], 0.29)).sum() == 29  # 0.29 * 100 is 28.99... in floating point
