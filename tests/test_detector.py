@@ -279,6 +279,10 @@ def test_freezing_the_first_blocks_keeps_them_and_trains_the_rest():
     assert len(frozen) == kept and not (moved & frozen) and "net.blocks.2.0.conv_pw.weight" in moved and "net.classifier.weight" in moved
     with pytest.raises(UserError, match="has 7 blocks; give at most 7"):
         detector.freeze_early(detector.build("tf_efficientnet_lite0", 32), 9)
+    with pytest.raises(UserError, match="0 or more"):
+        detector.freeze_early(detector.build("tf_efficientnet_lite0", 32), -1)
+    unfrozen = detector.build("tf_efficientnet_lite0", 32)
+    assert detector.freeze_early(unfrozen, 0) == 0 and all(p.requires_grad for p in unfrozen.parameters())
 
 
 @pytest.mark.parametrize("where", ["running_var", "weight"])
