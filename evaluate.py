@@ -37,7 +37,7 @@ import detector
 import faces
 import metrics
 import reports
-from cli import ArgumentParser, UserError, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically, write_text
+from cli import ArgumentParser, CannotWrite, UserError, add_device_flag, at_least, make_folder, pick_device, run_cli, write_atomically, write_text
 from config import Config
 from video import VIDEO_EXTENSIONS, media_kind, reencode
 
@@ -129,14 +129,21 @@ def robustness(args, items, scores, model, info, device, threshold, root):
         raise UserError(f"--robustness re-encodes videos, and there is none among the files under {root}")
     changed = {}
     for name, (crf, scale) in reports.REENCODINGS.items():
-        copies = []
-        for _, (path, label) in tqdm(videos, desc=f"re-encoding: {name}", unit="video", leave=False):
+        copies, made = [], []
+        for k, (_, (path, label)) in enumerate(tqdm(videos, desc=f"re-encoding: {name}", unit="video", leave=False)):
             try:
                 copies.append((reencoded(path, crf, scale, args.cache_dir), label))
-            except UserError as e:
-                tqdm.write(f"warning: {path}: {e}; scored as it is", file=sys.stderr)
-                copies.append((path, label))
-        changed[name] = labelled_scores(args, copies, model, info, device, as_crops=False)[0]
+                made.append(k)
+            except CannotWrite:  # a full disk is no fault of this video: every other copy would fail alike
+                raise
+            except Exception as e:  # PyAV's errors, or a video that cannot be decoded: that video alone is left out
+                said = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                tqdm.write(f"warning: {path}: could not be re-encoded ({said}); left out of the {name} comparison", file=sys.stderr)
+        # NaN where there is no copy: robustness_report compares only the videos scored both ways, rather than
+        # counting the original again as its own copy, which would look like a score that did not move
+        changed[name] = np.full(len(videos), np.nan)
+        if copies:
+            changed[name][made] = labelled_scores(args, copies, model, info, device, as_crops=False)[0]
     return reports.robustness_report([items[i] for i, _ in videos], scores[[i for i, _ in videos]], changed, threshold, root)
 
 

@@ -161,7 +161,7 @@ def test_a_video_folder_and_a_crop_folder_train_one_detector_that_detect_and_eva
     assert faces["frames"]["n_real"] + faces["frames"]["n_fake"] == len(crop_entry["split"]["test"]["files"])  # a face a crop
 
 
-def test_robustness_scores_every_video_again_as_reencoded_copies(tmp_path, folders, monkeypatch):
+def test_robustness_scores_every_video_again_as_reencoded_copies(tmp_path, folders, monkeypatch, capsys):
     videos, _ = folders
     out = train(tmp_path, folders)[1]
     monkeypatch.chdir(tmp_path)
@@ -184,6 +184,20 @@ def test_robustness_scores_every_video_again_as_reencoded_copies(tmp_path, folde
     assert result["score"] == pytest.approx(rob["half size, CRF 23"]["files"][one], abs=1e-6)
     moved = [abs(rob["half size, CRF 23"]["files"][p] - s) for p, s in rob["original"]["files"].items()]
     assert rob["half size, CRF 23"]["mean_abs_change"] == pytest.approx(np.mean(moved)) and max(moved) > 0
+
+    # a video that cannot be re-encoded is left out of that comparison, not counted as a copy that did not move
+    reencode = evaluate.reencode
+
+    def fails_once(path, f, crf, scale):
+        if path == one and crf == 28:
+            raise ValueError("no encoder")
+        reencode(path, f, crf, scale)
+    monkeypatch.setattr(evaluate, "reencode", fails_once)
+    assert evaluate.main([out, "--videos", str(videos), "--robustness", "--cache-dir", str(tmp_path / "cache2"), "--workers", "1"]) == 0
+    assert f"{one}: could not be re-encoded (ValueError: no encoder); left out of the CRF 28 comparison" in capsys.readouterr().err
+    rob = json.loads((tmp_path / "run" / "detector-videos-videos.json").read_text())["robustness"]
+    assert rob["CRF 28"]["files"][one] is None and rob["CRF 28"]["videos"] == len(report["files"]) - 1
+    assert rob["half size, CRF 23"]["videos"] == len(report["files"])
     # the copies are made once: a second run re-encodes nothing
     before = {c: os.stat(tmp_path / "cache" / "reencoded" / c).st_mtime_ns for c in copies}
     assert evaluate.main([out, "--videos", str(videos), "--robustness", "--cache-dir", cache, "--workers", "1"]) == 0
