@@ -128,8 +128,7 @@ def python_objects(path):
     where it names none or holds no pickle. The pickle is only parsed, never run."""
     try:
         if zipfile.is_zipfile(path):  # torch.save's format: torch lists what its weights_only loader refuses
-            unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda p: [])  # torch 2.5 on
-            return unsafe(path) or None
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path) or None
         with open(path, "rb") as f:  # a plain pickle (torch's old format begins with one holding a number)
             ops = {op.name for op, _, _ in pickletools.genops(f)}
         return [] if ops & OBJECT_OPS else None
