@@ -231,7 +231,10 @@ def _decode_chunk(job):
 # -----------------------------------------------------------------------------
 # face crops of videos and images, for the detector: found once per file and settings
 
-FACES_FORMAT = 4  # 3: landmarks beside the faces of the counted tracks and their frames; 4: images turned upright by their EXIF tag
+FACES_FORMAT = 3  # 3: landmarks beside the faces of the counted tracks and their frames
+# in an image's key only: cached before images were turned upright by their EXIF tag, a phone photo's faces lay on their
+# side; videos were upright already and keep their caches
+UPRIGHT_IMAGES = "EXIF upright"
 
 
 def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
@@ -249,7 +252,8 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     from video import check_input
     st = check_input(path)  # a file removed since it was listed, a FIFO: named as what it is
     key = hashlib.sha256(json.dumps([FACES_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, frames,
-                                     image_size, PIL.__version__, torchvision.__version__]).encode()).hexdigest()[:20]
+                                     image_size, PIL.__version__, torchvision.__version__]
+                                    + ([UPRIGHT_IMAGES] if kind == "image" else [])).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "faces")
     target = os.path.join(folder, f"{key}.npz")
     _remove_stale_temporaries(folder)
