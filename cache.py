@@ -274,7 +274,9 @@ def media_faces(path, kind, finder, settings, frames, image_size, cache_dir):
     marks = np.array([np.full((5, 2), np.nan) if f["landmarks"] is None else f["landmarks"] for _, f in kept],
                      dtype=np.float32).reshape(-1, 5, 2)
     make_folder(folder, "face cache folder")
-    write_atomically(target, lambda f: np.savez(f, faces=faces, frames=positions, landmarks=marks))
+    # two programs that share the cache (two trainings, training and evaluate.py) may find the same file's faces at once:
+    # with one temporary name, one of them would rename away the other's half-written file
+    write_atomically(target, lambda f: np.savez(f, faces=faces, frames=positions, landmarks=marks), tmp=f"{target}.{os.getpid()}.tmp")
     return faces, positions, marks
 
 
@@ -284,7 +286,7 @@ _swept = set()  # face cache folders this process has cleaned of stale temporary
 
 
 def _remove_stale_temporaries(folder):
-    """Remove, once per process and folder, the temporary files (NAME.npz.tmp) that a writer killed mid-write left behind."""
+    """Remove, once per process and folder, the temporary files (NAME.npz.PID.tmp) that a writer killed mid-write left behind."""
     if folder in _swept:
         return
     _swept.add(folder)

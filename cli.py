@@ -177,14 +177,15 @@ def make_folder(path, what="folder"):
         raise CannotWrite(f"cannot write into the {what} {path} (permission denied); give a folder you can write to")
 
 
-def write_atomically(path, write):
-    """write(f) into path.tmp, then rename it over path, so a crash mid-write never leaves half a file.
+def write_atomically(path, write, tmp=None):
+    """write(f) into path.tmp (or tmp), then rename it over path, so a crash mid-write never leaves half a file.
 
     Every file the programs write goes through here. A full disk or an unwritable folder gives
     one sentence naming the folder, and the temporary file is removed; a stale one from a
-    crashed earlier write is simply overwritten.
+    crashed earlier write is simply overwritten. A file that several processes may write at
+    once (a shared cache's entry) needs a tmp of each writer's own.
     """
-    tmp = f"{path}.tmp"
+    tmp = tmp or f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)

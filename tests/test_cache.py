@@ -231,6 +231,24 @@ def test_stale_temporary_files_in_the_face_cache_are_removed(tmp_path, monkeypat
     assert not stale.exists() and fresh.exists()
 
 
+
+def test_two_programs_finding_the_same_faces_at_once_both_succeed(tmp_path, monkeypatch):
+    image, cache_dir = face_image(tmp_path), str(tmp_path / "cache")
+    save, others = np.savez, []
+
+    def another_program_writes_meanwhile(f, **arrays):
+        if not others:  # while this entry is half written, another program (another pid) writes the same one
+            others.append(True)
+            with monkeypatch.context() as m:
+                m.setattr(os, "getpid", lambda: 4_000_000)
+                cached_faces(image, cache_dir)
+        save(f, **arrays)
+    monkeypatch.setattr(np, "savez", another_program_writes_meanwhile)
+    faces, _, _ = cached_faces(image, cache_dir)  # with one temporary name for both, the other renamed it away: "cannot write"
+    (entry,) = (tmp_path / "cache" / "faces").iterdir()  # one entry, whole, and no temporary file left
+    assert others and faces.shape == (1, 32, 32, 3) and np.array_equal(np.load(entry)["faces"], faces)
+
+
 def test_a_full_face_cache_folder_stops_with_one_sentence_instead_of_leaving_every_file_out(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
