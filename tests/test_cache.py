@@ -231,7 +231,6 @@ def test_stale_temporary_files_in_the_face_cache_are_removed(tmp_path, monkeypat
     assert not stale.exists() and fresh.exists()
 
 
-
 def test_two_programs_finding_the_same_faces_at_once_both_succeed(tmp_path, monkeypatch):
     image, cache_dir = face_image(tmp_path), str(tmp_path / "cache")
     save, others = np.savez, []
@@ -257,7 +256,6 @@ def test_a_full_face_cache_folder_stops_with_one_sentence_instead_of_leaving_eve
     jobs = [(p, "image", None, None, {"faces": "none"}, 1, 32, str(tmp_path / "cache")) for p in paths]
     with pytest.raises(UserError, match="cannot write .*faces.*No space left on device"):
         list(cache.many_media_faces(jobs, workers=1))
-
 
 
 def test_a_face_finding_workers_progress_bars_make_no_named_semaphore(monkeypatch):
